@@ -1,0 +1,398 @@
+#!/usr/bin/env python3
+"""A local Kubernetes control plane, envtest-style: etcd + kube-apiserver, no kubelet.
+
+    python hack/controlplane.py up      # start (idempotent), write .controlplane/kubeconfig
+    python hack/controlplane.py down    # stop and remove all state
+    python hack/controlplane.py status  # exit 0 when up and ready
+
+Binaries come from hack/build-binaries.sh (cached outside the repo by version).
+State (certificates, etcd data, logs) lives in a temporary directory recorded in
+.controlplane/state.json; only 127.0.0.1 is listened on, on free ports.
+Used by the Makefile and by the pytest fixture in tests/integration/conftest.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import datetime as dt
+import ipaddress
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+ROOT = Path(__file__).resolve().parent.parent
+STATE_DIR = Path(os.environ.get("AAO_CONTROLPLANE_DIR", ROOT / ".controlplane"))
+KUBECONFIG = STATE_DIR / "kubeconfig"
+STATE_FILE = STATE_DIR / "state.json"
+READY_TIMEOUT = float(os.environ.get("AAO_CONTROLPLANE_TIMEOUT", "90"))
+
+
+def log(msg: str) -> None:
+    print(f"controlplane: {msg}", file=sys.stderr, flush=True)
+
+
+def binary_dirs() -> list[Path]:
+    out = (
+        subprocess.run(
+            [str(ROOT / "hack" / "build-binaries.sh"), "--print"],
+            check=True,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    return [Path(p) for p in out.split(":")]
+
+
+def find_binary(name: str) -> str:
+    for d in binary_dirs():
+        if (d / name).exists():
+            return str(d / name)
+    raise SystemExit(f"controlplane: {name} not found; run hack/build-binaries.sh")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- certificates -----------------------------------------------------------
+
+
+def _key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _pem_key(key: rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    )
+
+
+def _cert(
+    subject: x509.Name, key, issuer: x509.Name, issuer_key, *, ca=False, sans=(), client=False
+) -> x509.Certificate:
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if ca:
+        builder = builder.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    else:
+        usage = (
+            x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH
+            if client
+            else x509.oid.ExtendedKeyUsageOID.SERVER_AUTH
+        )
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
+    return builder.sign(issuer_key, hashes.SHA256())
+
+
+def make_pki(d: Path) -> dict[str, Path]:
+    pem = serialization.Encoding.PEM
+    ca_key = _key()
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "agent-access-local-ca")])
+    ca = _cert(ca_name, ca_key, ca_name, ca_key, ca=True)
+    srv_key = _key()
+    srv = _cert(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]),
+        srv_key,
+        ca_name,
+        ca_key,
+        sans=[
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.DNSName("kubernetes.default.svc"),
+        ],
+    )
+    adm_key = _key()
+    adm = _cert(
+        x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"),
+                x509.NameAttribute(NameOID.COMMON_NAME, "admin"),
+            ]
+        ),
+        adm_key,
+        ca_name,
+        ca_key,
+        client=True,
+    )
+    files = {
+        "ca.crt": ca.public_bytes(pem),
+        "apiserver.crt": srv.public_bytes(pem),
+        "apiserver.key": _pem_key(srv_key),
+        "admin.crt": adm.public_bytes(pem),
+        "admin.key": _pem_key(adm_key),
+        "sa.key": _pem_key(_key()),
+    }
+    paths = {}
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+        (d / name).chmod(0o600)
+        paths[name] = d / name
+    return paths
+
+
+# --- processes ----------------------------------------------------------------
+
+
+def read_state() -> dict | None:
+    try:
+        return json.loads(STATE_FILE.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+def ready(state: dict) -> bool:
+    ctx = ssl.create_default_context(cafile=str(Path(state["dir"]) / "ca.crt"))
+    ctx.load_cert_chain(
+        str(Path(state["dir"]) / "admin.crt"), str(Path(state["dir"]) / "admin.key")
+    )
+    try:
+        with urllib.request.urlopen(f"{state['server']}/readyz", context=ctx, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def write_kubeconfig(state: dict) -> None:
+    d = Path(state["dir"])
+    b64 = lambda name: base64.b64encode((d / name).read_bytes()).decode()  # noqa: E731
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "agent-access-local",
+        "clusters": [
+            {
+                "name": "agent-access-local",
+                "cluster": {"server": state["server"], "certificate-authority-data": b64("ca.crt")},
+            }
+        ],
+        "users": [
+            {
+                "name": "admin",
+                "user": {
+                    "client-certificate-data": b64("admin.crt"),
+                    "client-key-data": b64("admin.key"),
+                },
+            }
+        ],
+        "contexts": [
+            {
+                "name": "agent-access-local",
+                "context": {
+                    "cluster": "agent-access-local",
+                    "user": "admin",
+                    "namespace": "default",
+                },
+            }
+        ],
+    }
+    KUBECONFIG.write_text(json.dumps(config, indent=2))
+    KUBECONFIG.chmod(0o600)
+
+
+def start_process(args: list[str], logfile: Path) -> int:
+    with open(logfile, "ab") as out:
+        proc = subprocess.Popen(
+            args,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    return proc.pid
+
+
+def wait_etcd(url: str, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
+                if b'"health":"true"' in r.read():
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError("etcd did not become healthy")
+
+
+def up() -> dict:
+    state = read_state()
+    if state and all(alive(p) for p in state["pids"].values()) and ready(state):
+        write_kubeconfig(state)
+        log(f"already up at {state['server']}")
+        return state
+    if state:
+        down(quiet=True)
+    apiserver, etcd = find_binary("kube-apiserver"), find_binary("etcd")
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    d = Path(tempfile.mkdtemp(prefix="agent-access-controlplane-"))
+    pki = make_pki(d)
+    etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
+    etcd_url = f"http://127.0.0.1:{etcd_port}"
+    state = {"dir": str(d), "server": f"https://127.0.0.1:{api_port}", "pids": {}, "etcd": etcd_url}
+    STATE_FILE.write_text(json.dumps(state))
+    deadline = time.monotonic() + READY_TIMEOUT
+    state["pids"]["etcd"] = start_process(
+        [
+            etcd,
+            "--name",
+            "default",
+            "--data-dir",
+            str(d / "etcd"),
+            "--listen-client-urls",
+            etcd_url,
+            "--advertise-client-urls",
+            etcd_url,
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{peer_port}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{peer_port}",
+            "--initial-cluster",
+            f"default=http://127.0.0.1:{peer_port}",
+            "--unsafe-no-fsync",
+            "--log-level",
+            "warn",
+        ],
+        d / "etcd.log",
+    )
+    STATE_FILE.write_text(json.dumps(state))
+    wait_etcd(etcd_url, deadline)
+    state["pids"]["kube-apiserver"] = start_process(
+        [
+            apiserver,
+            f"--etcd-servers={etcd_url}",
+            "--bind-address=127.0.0.1",
+            "--advertise-address=127.0.0.1",
+            f"--secure-port={api_port}",
+            f"--tls-cert-file={pki['apiserver.crt']}",
+            f"--tls-private-key-file={pki['apiserver.key']}",
+            f"--client-ca-file={pki['ca.crt']}",
+            "--authorization-mode=RBAC",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={pki['sa.key']}",
+            f"--service-account-signing-key-file={pki['sa.key']}",
+            "--service-cluster-ip-range=10.0.0.0/24",
+            "--allow-privileged=true",
+            "--disable-admission-plugins=ServiceAccount",
+            "--endpoint-reconciler-type=none",
+            "--profiling=false",
+            f"--cert-dir={d / 'certs'}",
+            "--v=1",
+        ],
+        d / "kube-apiserver.log",
+    )
+    STATE_FILE.write_text(json.dumps(state))
+    while time.monotonic() < deadline:
+        if not alive(state["pids"]["kube-apiserver"]):
+            tail = (d / "kube-apiserver.log").read_text()[-3000:]
+            raise SystemExit(f"controlplane: kube-apiserver exited:\n{tail}")
+        if ready(state):
+            break
+        time.sleep(0.2)
+    else:
+        raise SystemExit(
+            "controlplane: kube-apiserver did not become ready in time; "
+            f"see {d / 'kube-apiserver.log'}"
+        )
+    write_kubeconfig(state)
+    log(f"up at {state['server']} (state in {d})")
+    return state
+
+
+def down(quiet: bool = False) -> None:
+    state = read_state()
+    if state:
+        for name in ("kube-apiserver", "etcd"):
+            pid = state["pids"].get(name)
+            if pid and alive(pid):
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signal.SIGTERM)
+        for name in ("kube-apiserver", "etcd"):
+            pid = state["pids"].get(name)
+            end = time.monotonic() + 10
+            while pid and alive(pid) and time.monotonic() < end:
+                time.sleep(0.1)
+            if pid and alive(pid):
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signal.SIGKILL)
+        shutil.rmtree(state["dir"], ignore_errors=True)
+    shutil.rmtree(STATE_DIR, ignore_errors=True)
+    if not quiet:
+        log("down")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["up", "down", "status"])
+    args = parser.parse_args()
+    if args.command == "up":
+        up()
+        print(f"export KUBECONFIG={KUBECONFIG}")
+    elif args.command == "down":
+        down()
+    else:
+        state = read_state()
+        ok = bool(state) and all(alive(p) for p in state["pids"].values()) and ready(state)
+        print("up" if ok else "down")
+        return 0 if ok else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,461 @@
+#!/usr/bin/env python3
+"""Generate crds/*.yaml (run `make crds`; a unit test checks they are current)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "operator"))
+
+from agent_access.durations import PATTERN as DURATION  # noqa: E402
+from agent_access.model import GROUP, VERSION  # noqa: E402
+
+NAME = {"type": "string", "maxLength": 253, "minLength": 1}
+DNS_LABEL = {
+    "type": "string",
+    "maxLength": 63,
+    "minLength": 1,
+    "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+}
+#: A JSON-schema pattern, not CEL: CEL on items of nested lists exceeds the cost budget.
+NO_WILDCARD = r"^[^*]*$"
+
+
+def strings(
+    desc: str,
+    *,
+    min_items: int = 0,
+    max_items: int = 64,
+    wildcard: bool = True,
+    empty_ok: bool = False,
+) -> dict:
+    item: dict = {"type": "string", "maxLength": 253}
+    if not empty_ok:
+        item["minLength"] = 1
+    if not wildcard:
+        item["pattern"] = NO_WILDCARD
+        desc += " '*' is refused at apply time: list exactly what the agent needs."
+    out = {"type": "array", "description": desc, "items": item, "maxItems": max_items}
+    if min_items:
+        out["minItems"] = min_items
+    return out
+
+
+def rule_schema(request: bool) -> dict:
+    who = "requested" if request else "that may be granted"
+    return {
+        "type": "object",
+        "description": (
+            f"An RBAC PolicyRule {who}: verbs on resources in API groups, optionally narrowed "
+            "to resourceNames."
+            + (
+                " No '*' anywhere: list exactly what is needed."
+                if request
+                else " '*' is allowed here as a ceiling; guardrails still apply."
+            )
+        ),
+        "required": ["apiGroups", "resources", "verbs"],
+        "properties": {
+            "apiGroups": strings(
+                'API groups, "" for the core group (pods, secrets, ...).',
+                min_items=1,
+                max_items=16,
+                wildcard=not request,
+                empty_ok=True,
+            ),
+            "resources": strings(
+                "Resources, e.g. pods or pods/log (a subresource is named explicitly).",
+                min_items=1,
+                max_items=32,
+                wildcard=not request,
+            ),
+            "verbs": strings(
+                "Verbs, e.g. get, list, watch, create, patch, delete.",
+                min_items=1,
+                max_items=16,
+                wildcard=not request,
+            ),
+            "resourceNames": strings(
+                "Optional narrowing to named objects."
+                + (
+                    ""
+                    if request
+                    else " When a policy names any, it only covers requests "
+                    "narrowed to those names."
+                ),
+                max_items=64,
+                wildcard=not request,
+            ),
+        },
+    }
+
+
+def crd(
+    kind: str,
+    plural: str,
+    short: str,
+    scope: str,
+    spec: dict,
+    status: dict | None,
+    columns: list[dict],
+    desc: str,
+    validations: list[dict] | None = None,
+) -> dict:
+    schema: dict = {
+        "type": "object",
+        "description": desc,
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+        },
+        "required": ["spec"],
+    }
+    if status:
+        schema["properties"]["status"] = status
+    if validations:
+        schema["x-kubernetes-validations"] = validations
+    version = {
+        "name": VERSION,
+        "served": True,
+        "storage": True,
+        "schema": {"openAPIV3Schema": schema},
+        "additionalPrinterColumns": columns,
+    }
+    if status:
+        version["subresources"] = {"status": {}}
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{plural}.{GROUP}",
+            "labels": {"app.kubernetes.io/name": "agent-access-operator"},
+        },
+        "spec": {
+            "group": GROUP,
+            "scope": scope,
+            "names": {
+                "kind": kind,
+                "plural": plural,
+                "singular": kind.lower(),
+                "listKind": f"{kind}List",
+                "shortNames": [short],
+                "categories": ["agentaccess"],
+            },
+            "versions": [version],
+        },
+    }
+
+
+AGE = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
+
+TASK_SPEC = {
+    "type": "object",
+    "description": "What the agent asks for: who, why, what, for how long.",
+    "required": ["agent", "intent", "access"],
+    "properties": {
+        "agent": {
+            **NAME,
+            "description": "The ServiceAccount (in this namespace) the agent runs "
+            "as. Its base identity; it holds no standing grants.",
+        },
+        "intent": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 65536,
+            "pattern": r"\S",
+            "description": "Why access is needed; recorded in every audit line.",
+        },
+        "ttl": {
+            "type": "string",
+            "default": "15m",
+            "pattern": DURATION,
+            "maxLength": 64,
+            "description": "Requested lifetime in Go duration syntax (e.g. 10m, 1h30m); "
+            "clamped to the smallest maxTTL of the policies that allowed it. Default 15m.",
+        },
+        "podName": {
+            **NAME,
+            "description": "Optional: the pod doing the task (same namespace, "
+            "running as the agent). When it succeeds, fails or is deleted, the grant "
+            "ends at once.",
+        },
+        "cancel": {
+            "type": "boolean",
+            "default": False,
+            "description": "Set true to end the grant now; the record is kept for audit. "
+            "Cannot be set back to false.",
+        },
+        "audiences": strings("Token audiences (default: the API server's own).", max_items=8),
+        "access": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 32,
+            "description": "What is requested, one entry per target namespace. All or "
+            "nothing: if any rule is not allowed, nothing is granted.",
+            "items": {
+                "type": "object",
+                "required": ["rules"],
+                "properties": {
+                    "namespace": {
+                        **DNS_LABEL,
+                        "description": "Target namespace (default: the AgentTask's namespace).",
+                    },
+                    "rules": {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": 1024,
+                        "description": "RBAC rules requested in this namespace.",
+                        "items": rule_schema(request=True),
+                    },
+                },
+            },
+        },
+    },
+    "x-kubernetes-validations": [
+        {
+            "rule": "!has(oldSelf.cancel) || !oldSelf.cancel || (has(self.cancel) && self.cancel)",
+            "message": "spec.cancel cannot be set back to false: create a new AgentTask",
+        },
+        {
+            "rule": "self.agent == oldSelf.agent && self.intent == oldSelf.intent"
+            " && has(self.ttl) == has(oldSelf.ttl) && (!has(self.ttl) || self.ttl == oldSelf.ttl)"
+            " && has(self.podName) == has(oldSelf.podName)"
+            " && (!has(self.podName) || self.podName == oldSelf.podName)",
+            "message": "spec is immutable except cancel: create a new AgentTask to ask for "
+            "different access",
+        },
+    ],
+}
+# access and audiences get their own transition rule (kept apart to bound CEL cost).
+TASK_SPEC["properties"]["access"]["x-kubernetes-validations"] = [
+    {"rule": "self == oldSelf", "message": "spec.access is immutable: create a new AgentTask"}
+]
+TASK_SPEC["properties"]["audiences"]["x-kubernetes-validations"] = [
+    {"rule": "self == oldSelf", "message": "spec.audiences is immutable: create a new AgentTask"}
+]
+
+CONDITION = {
+    "type": "object",
+    "required": ["type", "status"],
+    "properties": {
+        "type": {"type": "string", "description": "Granted: True while access is live."},
+        "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+        "reason": {"type": "string", "description": "One CamelCase word."},
+        "message": {"type": "string"},
+        "lastTransitionTime": {"type": "string", "format": "date-time"},
+        "observedGeneration": {"type": "integer", "format": "int64"},
+    },
+}
+
+TASK_STATUS = {
+    "type": "object",
+    "description": "What the operator decided and granted.",
+    "properties": {
+        "phase": {
+            "type": "string",
+            "description": "Pending, Active, or a terminal phase: "
+            "Denied, Expired, Completed, Cancelled, Revoked, Failed.",
+            "enum": [
+                "Pending",
+                "Active",
+                "Denied",
+                "Expired",
+                "Completed",
+                "Cancelled",
+                "Revoked",
+                "Failed",
+            ],
+        },
+        "reason": {
+            "type": "string",
+            "description": "Why, in one CamelCase word (e.g. "
+            "PolicyAllowed, RuleNotAllowed, TTLExpired).",
+        },
+        "message": {"type": "string", "description": "Details for humans."},
+        "observedGeneration": {"type": "integer", "format": "int64"},
+        "serviceAccountName": {
+            "type": "string",
+            "description": "The ephemeral per-task identity the token belongs to.",
+        },
+        "tokenSecretName": {
+            "type": "string",
+            "description": "Secret in this namespace holding the token under the key `token`.",
+        },
+        "podUID": {"type": "string", "description": "UID of the pod the grant is bound to."},
+        "grantedAt": {"type": "string", "format": "date-time"},
+        "expiresAt": {"type": "string", "format": "date-time"},
+        "endedAt": {
+            "type": "string",
+            "format": "date-time",
+            "description": "When the grant ended (any terminal phase).",
+        },
+        "policies": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "Policies that allowed the grant (namespace/name, or name "
+            "for a ClusterAccessPolicy).",
+        },
+        "grants": {
+            "type": "array",
+            "description": "What was actually granted, per namespace.",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "namespace": {"type": "string"},
+                    "roleName": {"type": "string"},
+                    "roleBindingName": {"type": "string"},
+                    "rules": {
+                        "type": "array",
+                        "items": rule_schema(request=True)
+                        | {
+                            "properties": {
+                                k: {"type": "array", "items": {"type": "string"}}
+                                for k in ("apiGroups", "resources", "verbs", "resourceNames")
+                            }
+                        },
+                    },
+                },
+            },
+        },
+        "conditions": {
+            "type": "array",
+            "items": CONDITION,
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+    },
+}
+
+
+def policy_spec(cluster: bool) -> dict:
+    spec = {
+        "type": "object",
+        "description": (
+            "Which agents may get what in the namespaces the selector chooses."
+            if cluster
+            else "Which agents may get what in this namespace."
+        ),
+        "required": ["subjects", "rules"],
+        "properties": {
+            "subjects": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 256,
+                "description": "Agents that may request access.",
+                "items": {
+                    "type": "object",
+                    "required": ["namespace", "serviceAccount"],
+                    "properties": {
+                        "namespace": {**DNS_LABEL, "description": "Namespace the agent runs in."},
+                        "serviceAccount": {**NAME, "description": "The agent's ServiceAccount."},
+                    },
+                },
+            },
+            "rules": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": 256,
+                "description": "The ceiling: rules that may be granted.",
+                "items": rule_schema(request=False),
+            },
+            "maxTTL": {
+                "type": "string",
+                "default": "1h",
+                "pattern": DURATION,
+                "maxLength": 64,
+                "description": "Longest grant this policy allows (Go duration). Default 1h.",
+            },
+            "requirePod": {
+                "type": "boolean",
+                "default": False,
+                "description": "If true, tasks must name a pod (spec.podName).",
+            },
+        },
+    }
+    if cluster:
+        spec["required"].append("namespaceSelector")
+        spec["properties"]["namespaceSelector"] = {
+            "type": "object",
+            "description": "A standard label selector choosing the target namespaces this "
+            "policy governs. An empty selector matches no namespace.",
+            "properties": {
+                "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "matchExpressions": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["key", "operator"],
+                        "properties": {
+                            "key": {"type": "string"},
+                            "operator": {
+                                "type": "string",
+                                "enum": ["In", "NotIn", "Exists", "DoesNotExist"],
+                            },
+                            "values": {"type": "array", "items": {"type": "string"}},
+                        },
+                    },
+                },
+            },
+        }
+    return spec
+
+
+def main() -> None:
+    out = ROOT / "crds"
+    out.mkdir(exist_ok=True)
+    docs = {
+        "agenttasks.yaml": crd(
+            "AgentTask",
+            "agenttasks",
+            "at",
+            "Namespaced",
+            TASK_SPEC,
+            TASK_STATUS,
+            [
+                {"name": "Agent", "type": "string", "jsonPath": ".spec.agent"},
+                {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                {"name": "Reason", "type": "string", "jsonPath": ".status.reason"},
+                {"name": "Expires", "type": "string", "jsonPath": ".status.expiresAt"},
+                AGE,
+                {"name": "Intent", "type": "string", "jsonPath": ".spec.intent", "priority": 1},
+                {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
+            ],
+            "One agent's request for access for one bounded task.",
+        ),
+        "accesspolicies.yaml": crd(
+            "AccessPolicy",
+            "accesspolicies",
+            "ap",
+            "Namespaced",
+            policy_spec(False),
+            None,
+            [{"name": "MaxTTL", "type": "string", "jsonPath": ".spec.maxTTL"}, AGE],
+            "Governs access INTO its own namespace: which agents may get what here.",
+        ),
+        "clusteraccesspolicies.yaml": crd(
+            "ClusterAccessPolicy",
+            "clusteraccesspolicies",
+            "cap",
+            "Cluster",
+            policy_spec(True),
+            None,
+            [{"name": "MaxTTL", "type": "string", "jsonPath": ".spec.maxTTL"}, AGE],
+            "Like AccessPolicy, for platform teams: governs the namespaces its "
+            "namespaceSelector chooses.",
+        ),
+    }
+    for name, doc in docs.items():
+        text = "# Generated by hack/gen_crds.py; do not edit.\n" + yaml.safe_dump(
+            doc, sort_keys=False, width=100
+        )
+        (out / name).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

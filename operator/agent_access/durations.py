@@ -1,0 +1,57 @@
+"""Go duration syntax ("1h30m", "90s", "1.5h"), as used by `ttl` and `maxTTL`.
+
+Purely computational, no side effects.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+#: The same grammar as a regular expression, for the CRD schema.
+PATTERN = r"^([0-9]+(\.[0-9]*)?(ns|us|µs|ms|s|m|h))+$"
+
+
+class DurationError(ValueError):
+    pass
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse a positive Go duration; raise DurationError with a helpful message."""
+    if not isinstance(text, str) or not text:
+        raise DurationError("a duration is required, e.g. 10m or 1h30m")
+    pos, total = 0, 0.0
+    while pos < len(text):
+        match = _PART.match(text, pos)
+        if not match:
+            raise DurationError(
+                f"invalid duration {text!r}: use Go syntax such as 10m, 90s or 1h30m"
+            )
+        total += float(match.group(1)) * _UNITS[match.group(2)]
+        pos = match.end()
+    if total <= 0:
+        raise DurationError(f"duration {text!r} must be positive")
+    return timedelta(seconds=total)
+
+
+def format_duration(value: timedelta) -> str:
+    """Render a timedelta the way Go prints durations, to whole seconds (e.g. 1h5m0s)."""
+    seconds = int(value.total_seconds())
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"

@@ -1,0 +1,139 @@
+"""kopf handlers: the only module that imports kopf.
+
+Each handler is a few lines that hand off to the grant service. Handlers are
+synchronous; kopf runs them in its thread pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from .audit import AuditLog
+from .kube import Kube
+from .metrics import Health, Metrics
+from .model import CLUSTER_POLICIES, FINALIZER, GROUP, POLICIES, TASKS, VERSION
+from .rules import DEFAULT_GUARDRAILS, Guardrails
+from .service import Service
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Config:
+    """Set by the command line before kopf starts."""
+
+    audit_file: str | None = None
+    guardrails: Guardrails = DEFAULT_GUARDRAILS
+    metrics: Metrics = field(default_factory=Metrics)
+    health: Health = field(default_factory=Health)
+    workers: int = 16
+
+
+CONFIG = Config()
+_service: Service | None = None
+
+
+def service() -> Service:
+    if _service is None:
+        raise kopf.TemporaryError("the operator is still starting", delay=1)
+    return _service
+
+
+class _timed:
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self) -> None:
+        self.started = time.monotonic()
+
+    def __exit__(self, *exc: object) -> None:
+        CONFIG.metrics.handler_seconds.labels(handler=self.name).observe(
+            time.monotonic() - self.started
+        )
+
+
+@kopf.on.startup()
+def start(settings: kopf.OperatorSettings, **_: Any) -> None:
+    global _service
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.enabled = False  # the service writes its own Events
+    settings.batching.batch_window = 0.01
+    settings.execution.max_workers = max(8, CONFIG.workers)
+    settings.watching.server_timeout = 300
+    settings.scanning.disabled = True
+    kube = Kube.from_environment(observer=CONFIG.metrics.api_call)
+    _service = Service(
+        kube,
+        AuditLog(path=CONFIG.audit_file),
+        CONFIG.metrics,
+        CONFIG.guardrails,
+        workers=CONFIG.workers,
+    )
+    _service.sweep_orphans()
+    CONFIG.health.ready.set()
+
+
+@kopf.on.cleanup()
+def stop(**_: Any) -> None:
+    CONFIG.health.ready.clear()
+    if _service is not None:
+        _service.close()
+
+
+@kopf.on.create(GROUP, VERSION, TASKS)
+@kopf.on.resume(GROUP, VERSION, TASKS)
+@kopf.on.update(GROUP, VERSION, TASKS)
+def reconcile_task(body: kopf.Body, **_: Any) -> None:
+    with _timed("reconcile"):
+        service().reconcile(body)
+
+
+@kopf.on.delete(GROUP, VERSION, TASKS)
+def task_deleted(body: kopf.Body, **_: Any) -> None:
+    with _timed("delete"):
+        service().on_task_deleted(body)
+
+
+@kopf.on.event(GROUP, VERSION, POLICIES)
+def access_policy_event(type: str | None, namespace: str, **_: Any) -> None:
+    if type is None:  # the initial listing: tasks are re-checked as they resume
+        return
+    with _timed("policy"):
+        service().on_policy_change(namespace)
+
+
+@kopf.on.event(GROUP, VERSION, CLUSTER_POLICIES)
+def cluster_access_policy_event(type: str | None, **_: Any) -> None:
+    if type is None:
+        return
+    with _timed("policy"):
+        service().on_policy_change(None)
+
+
+@kopf.on.event("", "v1", "pods")
+def pod_event(type: str | None, body: kopf.Body, **_: Any) -> None:
+    with _timed("pod"):
+        service().on_pod(type, body)
+
+
+@kopf.on.event("", "v1", "serviceaccounts")
+def service_account_event(type: str | None, namespace: str, name: str, **_: Any) -> None:
+    if type == "DELETED":
+        with _timed("serviceaccount"):
+            service().on_service_account_deleted(namespace, name)
+
+
+@kopf.on.event("", "v1", "namespaces")
+def namespace_event(type: str | None, name: str, **_: Any) -> None:
+    if type == "MODIFIED":
+        with _timed("namespace"):
+            service().on_namespace_change(name)

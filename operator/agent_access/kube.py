@@ -1,0 +1,294 @@
+"""The Kubernetes adapter: the only module that imports `kubernetes`.
+
+Every call goes through `Kube.request`, which speaks plain dicts (no generated
+models), retries what is transient (429, 5xx, connection errors) with backoff,
+treats 404 on delete as done, and turns failures into `KubeError`s whose
+messages carry the API's status and reason but never a request body (so a
+token can never leak through an exception).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import kubernetes
+import urllib3
+
+from .model import API_VERSION, CLUSTER_POLICIES, GROUP, POLICIES, TASKS, VERSION
+
+log = logging.getLogger(__name__)
+
+RETRYABLE = frozenset({429, 500, 502, 503, 504})
+
+
+class KubeError(Exception):
+    def __init__(self, status: int, reason: str, verb: str = "", path: str = ""):
+        self.status = status
+        self.reason = reason
+        self.verb = verb
+        self.path = path
+        super().__init__(f"{verb} {path}: {status} {reason}".strip())
+
+    @property
+    def transient(self) -> bool:
+        return self.status in RETRYABLE or self.status == 0
+
+
+class NotFound(KubeError):
+    pass
+
+
+class Conflict(KubeError):
+    pass
+
+
+class Gone(KubeError):
+    pass
+
+
+@dataclass(frozen=True)
+class Resource:
+    """Where a kind lives in the API."""
+
+    prefix: str  # "/api/v1" or "/apis/group/version"
+    plural: str
+    namespaced: bool = True
+
+    def path(self, namespace: str | None = None, name: str | None = None, sub: str = "") -> str:
+        path = self.prefix
+        if self.namespaced and namespace:
+            path += f"/namespaces/{quote(namespace)}"
+        path += f"/{self.plural}"
+        if name:
+            path += f"/{quote(name)}"
+        if sub:
+            path += f"/{sub}"
+        return path
+
+
+SERVICE_ACCOUNTS = Resource("/api/v1", "serviceaccounts")
+SECRETS = Resource("/api/v1", "secrets")
+PODS = Resource("/api/v1", "pods")
+EVENTS = Resource("/api/v1", "events")
+NAMESPACES = Resource("/api/v1", "namespaces", namespaced=False)
+ROLES = Resource("/apis/rbac.authorization.k8s.io/v1", "roles")
+ROLE_BINDINGS = Resource("/apis/rbac.authorization.k8s.io/v1", "rolebindings")
+AGENT_TASKS = Resource(f"/apis/{GROUP}/{VERSION}", TASKS)
+ACCESS_POLICIES = Resource(f"/apis/{GROUP}/{VERSION}", POLICIES)
+CLUSTER_ACCESS_POLICIES = Resource(f"/apis/{GROUP}/{VERSION}", CLUSTER_POLICIES, namespaced=False)
+
+#: Called after every API call with (verb, resource plural, status code, seconds).
+RequestObserver = Callable[[str, str, int, float], None]
+
+
+def _reason(body: bytes | str | None, fallback: str) -> str:
+    try:
+        data = json.loads(body or b"")
+        return str(data.get("message") or data.get("reason") or fallback)
+    except (ValueError, AttributeError):
+        return fallback
+
+
+class Kube:
+    """Thin, synchronous, thread-safe access to the API server."""
+
+    def __init__(
+        self,
+        api_client: Any,
+        retries: int = 5,
+        observer: RequestObserver | None = None,
+    ):
+        self.api = api_client
+        self.retries = retries
+        self.observer = observer
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_environment(cls, pool_size: int = 32, **kwargs: Any) -> Kube:
+        """Load the kubeconfig (KUBECONFIG) or the in-cluster service account."""
+        config = kubernetes.client.Configuration()
+        try:
+            kubernetes.config.load_incluster_config(client_configuration=config)
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config(client_configuration=config)
+        config.connection_pool_maxsize = pool_size
+        return cls(kubernetes.client.ApiClient(config), **kwargs)
+
+    # -- the one place requests are made ---------------------------------------
+
+    def request(
+        self,
+        verb: str,
+        path: str,
+        body: Any = None,
+        query: Iterable[tuple[str, str]] = (),
+        content_type: str = "application/json",
+        timeout: float = 30,
+    ) -> dict[str, Any]:
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        attempt = 0
+        resource = path.rsplit("/namespaces/", 1)[-1].split("/")
+        plural = resource[1] if len(resource) > 1 and "/namespaces/" in path else resource[-1]
+        while True:
+            attempt += 1
+            started = time.monotonic()
+            status, text = 0, ""
+            try:
+                method, url, hdrs, data, post = self.api.param_serialize(
+                    method=verb,
+                    resource_path=path,
+                    query_params=list(query),
+                    header_params=headers,
+                    body=body,
+                    auth_settings=["BearerToken"],
+                )
+                response = self.api.call_api(
+                    method, url, hdrs, data, post, _request_timeout=timeout
+                )
+                status = response.status
+                raw = response.read() if hasattr(response, "read") else response.data
+                text = raw.decode() if isinstance(raw, bytes) else (raw or "")
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                status, text = 0, f"connection error: {type(exc).__name__}"
+            if self.observer:
+                self.observer(verb, plural, status, time.monotonic() - started)
+            if 200 <= status < 300:
+                return json.loads(text) if text else {}
+            reason = _reason(text, text if status == 0 else f"HTTP {status}")
+            if (status in RETRYABLE or status == 0) and attempt <= self.retries:
+                delay = min(2.0, 0.05 * 2 ** (attempt - 1)) * (0.5 + random.random())
+                log.debug("retrying %s %s after %s (attempt %d)", verb, path, status, attempt)
+                time.sleep(delay)
+                continue
+            error = {404: NotFound, 409: Conflict, 410: Gone}.get(status, KubeError)
+            raise error(status, reason, verb, path)
+
+    def get(self, res: Resource, namespace: str | None, name: str) -> dict[str, Any] | None:
+        try:
+            return self.request("GET", res.path(namespace, name))
+        except NotFound:
+            return None
+
+    def list(
+        self, res: Resource, namespace: str | None = None, label_selector: str = ""
+    ) -> list[dict[str, Any]]:
+        query = [("labelSelector", label_selector)] if label_selector else []
+        return self.request("GET", res.path(namespace), query=query).get("items") or []
+
+    def create(self, res: Resource, namespace: str | None, body: Mapping[str, Any]) -> dict:
+        return self.request("POST", res.path(namespace), body=body)
+
+    def apply(self, res: Resource, namespace: str | None, body: Mapping[str, Any]) -> dict:
+        """Create, or replace what exists under that name (idempotent)."""
+        try:
+            return self.create(res, namespace, body)
+        except Conflict:
+            name = body["metadata"]["name"]
+            current = self.get(res, namespace, name) or {}
+            replacement = dict(body)
+            replacement["metadata"] = dict(body["metadata"])
+            replacement["metadata"]["resourceVersion"] = current.get("metadata", {}).get(
+                "resourceVersion", ""
+            )
+            return self.request("PUT", res.path(namespace, name), body=replacement)
+
+    def delete(self, res: Resource, namespace: str | None, name: str) -> bool:
+        """Delete; True if something was deleted, False if it was already gone."""
+        try:
+            self.request(
+                "DELETE",
+                res.path(namespace, name),
+                body={
+                    "kind": "DeleteOptions",
+                    "apiVersion": "v1",
+                    "propagationPolicy": "Background",
+                },
+            )
+            return True
+        except NotFound:
+            return False
+
+    def merge_patch(
+        self,
+        res: Resource,
+        namespace: str | None,
+        name: str,
+        patch: Mapping[str, Any],
+        sub: str = "",
+    ) -> dict[str, Any]:
+        return self.request(
+            "PATCH",
+            res.path(namespace, name, sub),
+            body=patch,
+            content_type="application/merge-patch+json",
+        )
+
+    # -- domain helpers ----------------------------------------------------------
+
+    def request_token(
+        self,
+        namespace: str,
+        service_account: str,
+        seconds: int,
+        audiences: Iterable[str],
+        bound: Mapping[str, str] | None,
+    ) -> tuple[str, str]:
+        """TokenRequest; returns (token, expirationTimestamp). The token is never logged."""
+        spec: dict[str, Any] = {"expirationSeconds": seconds}
+        if audiences:
+            spec["audiences"] = list(audiences)
+        if bound:
+            spec["boundObjectRef"] = dict(bound)
+        body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
+        result = self.request(
+            "POST", SERVICE_ACCOUNTS.path(namespace, service_account, "token"), body=body
+        )
+        status = result.get("status") or {}
+        return status["token"], status.get("expirationTimestamp", "")
+
+    def post_event(
+        self,
+        involved: Mapping[str, Any],
+        event_type: str,
+        reason: str,
+        message: str,
+        action: str,
+        component: str = "agent-access-operator",
+    ) -> None:
+        meta = involved.get("metadata", {})
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "generateName": f"{meta.get('name', 'task')}.",
+                "namespace": meta["namespace"],
+            },
+            "involvedObject": {
+                "apiVersion": involved.get("apiVersion", API_VERSION),
+                "kind": involved.get("kind", "AgentTask"),
+                "name": meta.get("name"),
+                "namespace": meta.get("namespace"),
+                "uid": meta.get("uid"),
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": event_type,
+            "action": action,
+            "source": {"component": component},
+            "reportingComponent": component,
+            "reportingInstance": component,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        self.create(EVENTS, meta["namespace"], body)

@@ -1,0 +1,153 @@
+"""Prometheus metrics (prefix agentaccess_) and the HTTP endpoints that serve them.
+
+`/metrics`, `/healthz` (the process is alive) and `/readyz` (the operator has
+started and is watching) on --metrics-port.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+if TYPE_CHECKING:
+    from .runtime import Registry
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.grants = Counter("agentaccess_grants_issued", "Grants issued", registry=r)
+        self.denials = Counter(
+            "agentaccess_grants_denied", "Requests denied", ["reason"], registry=r
+        )
+        self.revocations = Counter(
+            "agentaccess_grants_revoked", "Grants ended, by reason", ["reason"], registry=r
+        )
+        self.issue_failures = Counter(
+            "agentaccess_issue_failures", "Grants that could not be issued", registry=r
+        )
+        self.active = Gauge("agentaccess_active_grants", "Grants live now", registry=r)
+        self.overdue = Gauge(
+            "agentaccess_overdue_grants",
+            "Live grants past expiresAt (must stay 0: a non-zero value means a broken timer)",
+            registry=r,
+        )
+        self.grant_latency = Histogram(
+            "agentaccess_grant_latency_seconds",
+            "AgentTask creation to Active",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.revoke_latency = Histogram(
+            "agentaccess_revocation_latency_seconds",
+            "Trigger to bindings and identity gone",
+            ["trigger"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.api_requests = Counter(
+            "agentaccess_kubernetes_api_requests",
+            "Kubernetes API requests by verb, resource and status code",
+            ["verb", "resource", "code"],
+            registry=r,
+        )
+        self.api_errors = Counter(
+            "agentaccess_kubernetes_api_errors",
+            "Kubernetes API errors by verb and status code (0: no response)",
+            ["verb", "code"],
+            registry=r,
+        )
+        self.handler_seconds = Histogram(
+            "agentaccess_handler_duration_seconds",
+            "Time spent in operator handlers",
+            ["handler"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+    def bind_registry(self, grants: Registry, clock: Callable[[], datetime]) -> None:
+        self.active.set_function(lambda: len(grants))
+
+        def overdue() -> float:
+            now = clock()
+            # A grant is overdue once its deadline is a full second behind.
+            return sum(
+                1 for g in grants.all() if g.expires_at and (now - g.expires_at).total_seconds() > 1
+            )
+
+        self.overdue.set_function(overdue)
+
+    # -- recording ---------------------------------------------------------------------
+
+    def granted(self, created_at: datetime | None, now: datetime) -> None:
+        self.grants.inc()
+        if created_at:
+            self.grant_latency.observe(max(0.0, (now - created_at).total_seconds()))
+
+    def denied(self, reason: str) -> None:
+        self.denials.labels(reason=str(reason)).inc()
+
+    def revoked(self, reason: str, seconds: float) -> None:
+        self.revocations.labels(reason=str(reason)).inc()
+        self.revoke_latency.labels(trigger=str(reason)).observe(max(0.0, seconds))
+
+    def issue_failed(self) -> None:
+        self.issue_failures.inc()
+
+    def api_call(self, verb: str, resource: str, code: int, seconds: float) -> None:
+        self.api_requests.labels(verb=verb, resource=resource, code=str(code)).inc()
+        if code == 0 or code >= 400:
+            self.api_errors.labels(verb=verb, code=str(code)).inc()
+
+
+class Health:
+    """Liveness and readiness state shared with the HTTP server."""
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+
+
+def serve(
+    metrics: Metrics, health: Health, port: int, host: str = "0.0.0.0"
+) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                body, ctype, code = generate_latest(metrics.registry), CONTENT_TYPE_LATEST, 200
+            elif path == "/healthz":
+                body, ctype, code = b"ok\n", "text/plain", 200
+            elif path == "/readyz":
+                ok = health.ready.is_set()
+                body = b"ok\n" if ok else b"not ready\n"
+                ctype, code = "text/plain", 200 if ok else 503
+            else:
+                body, ctype, code = b"not found\n", "text/plain", 404
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:  # keep stdout for audit lines
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server

@@ -1,0 +1,159 @@
+"""RBAC PolicyRules: parsing, rendering, coverage and guardrails.
+
+Purely computational, no side effects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .model import WRITE_VERBS
+
+WILDCARD = "*"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One RBAC PolicyRule restricted to what a Role may hold (no nonResourceURLs)."""
+
+    api_groups: tuple[str, ...]
+    resources: tuple[str, ...]
+    verbs: tuple[str, ...]
+    resource_names: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Rule:
+        return cls(
+            api_groups=tuple(raw.get("apiGroups") or ()),
+            resources=tuple(raw.get("resources") or ()),
+            verbs=tuple(raw.get("verbs") or ()),
+            resource_names=tuple(raw.get("resourceNames") or ()),
+        )
+
+    def to_dict(self) -> dict[str, list[str]]:
+        out = {
+            "apiGroups": list(self.api_groups),
+            "resources": list(self.resources),
+            "verbs": list(self.verbs),
+        }
+        if self.resource_names:
+            out["resourceNames"] = list(self.resource_names)
+        return out
+
+    def describe(self) -> str:
+        """A short human form used in messages: verbs on group/resources [names]."""
+        groups = ",".join(g or '""' for g in self.api_groups)
+        text = f"{','.join(self.verbs)} on {','.join(self.resources)} (apiGroups {groups})"
+        if self.resource_names:
+            text += f" named {','.join(self.resource_names)}"
+        return text
+
+    def atoms(self) -> Iterator[tuple[str, str, str, str | None]]:
+        """Every (apiGroup, resource, verb, resourceName-or-None) the rule grants."""
+        names: tuple[str | None, ...] = self.resource_names or (None,)
+        for group in self.api_groups:
+            for resource in self.resources:
+                for verb in self.verbs:
+                    for name in names:
+                        yield group, resource, verb, name
+
+
+def _matches(allowed: tuple[str, ...], value: str) -> bool:
+    return WILDCARD in allowed or value in allowed
+
+
+def rule_covers(ceiling: Rule, atom: tuple[str, str, str, str | None]) -> bool:
+    """True when a policy rule allows one atom of a request.
+
+    A policy naming resourceNames only covers requests narrowed to those names.
+    """
+    group, resource, verb, name = atom
+    if not (
+        _matches(ceiling.api_groups, group)
+        and _matches(ceiling.resources, resource)
+        and _matches(ceiling.verbs, verb)
+    ):
+        return False
+    if not ceiling.resource_names:
+        return True
+    return name is not None and _matches(ceiling.resource_names, name)
+
+
+def uncovered_atoms(
+    request: Rule, ceilings: Iterable[Rule]
+) -> list[tuple[str, str, str, str | None]]:
+    ceilings = list(ceilings)
+    return [a for a in request.atoms() if not any(rule_covers(c, a) for c in ceilings)]
+
+
+@dataclass(frozen=True)
+class Guardrails:
+    """What no request may hold, whatever a policy says."""
+
+    forbidden_verbs: frozenset[str] = frozenset({"escalate", "bind", "impersonate"})
+    forbidden_resources: frozenset[str] = frozenset(
+        {"serviceaccounts/token", "certificatesigningrequests"}
+    )
+    write_protected_resources: frozenset[str] = frozenset(
+        {
+            "roles",
+            "rolebindings",
+            "clusterroles",
+            "clusterrolebindings",
+            "serviceaccounts",
+            "mutatingwebhookconfigurations",
+            "validatingwebhookconfigurations",
+            "customresourcedefinitions",
+        }
+    )
+    write_verbs: frozenset[str] = field(default=WRITE_VERBS)
+
+    def extended(
+        self,
+        verbs: Iterable[str] = (),
+        resources: Iterable[str] = (),
+        write_protected: Iterable[str] = (),
+    ) -> Guardrails:
+        """The defaults plus what an install adds (they can only grow)."""
+        return Guardrails(
+            forbidden_verbs=self.forbidden_verbs | frozenset(verbs),
+            forbidden_resources=self.forbidden_resources | frozenset(resources),
+            write_protected_resources=self.write_protected_resources | frozenset(write_protected),
+            write_verbs=self.write_verbs,
+        )
+
+    def _resource_forbidden(self, resource: str) -> bool:
+        # "certificatesigningrequests" also forbids its subresources (approval, status).
+        return any(resource == f or resource.startswith(f + "/") for f in self.forbidden_resources)
+
+    def violation(self, rule: Rule) -> str | None:
+        """Why this requested rule is forbidden, or None when it is not."""
+        for name, values in (
+            ("apiGroups", rule.api_groups),
+            ("resources", rule.resources),
+            ("verbs", rule.verbs),
+            ("resourceNames", rule.resource_names),
+        ):
+            if any(WILDCARD in v for v in values):
+                return f"wildcard '*' in {name} is never granted"
+        for verb in rule.verbs:
+            if verb in self.forbidden_verbs:
+                return f"verb {verb!r} lets access grow beyond the grant"
+        for resource in rule.resources:
+            if self._resource_forbidden(resource):
+                return f"resource {resource!r} lets access outlive the grant"
+            base = resource.split("/", 1)[0]
+            if base in self.write_protected_resources:
+                writes = sorted(set(rule.verbs) & self.write_verbs)
+                if writes:
+                    return f"write verbs {writes} on {resource!r} let access grow beyond the grant"
+        return None
+
+
+DEFAULT_GUARDRAILS = Guardrails()
+
+
+def parse_rules(raw: Iterable[Mapping[str, Any]] | None) -> tuple[Rule, ...]:
+    return tuple(Rule.from_dict(r) for r in (raw or ()))

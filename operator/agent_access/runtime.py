@@ -1,0 +1,242 @@
+"""In-memory state of the running operator: live grants and their deadlines.
+
+No Kubernetes I/O here. `Registry` answers "which live grants does this pod /
+agent / namespace / policy affect?" in O(1); `Deadlines` fires a callback at
+each grant's expiresAt (one thread, a heap; not a polling loop).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from .engine import TaskSpec, parse_task_spec
+from .model import Phase
+from .objects import base_name, secret_name
+from .rules import Rule, parse_rules
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NamespaceGrant:
+    namespace: str
+    role: str
+    binding: str
+    rules: tuple[Rule, ...]
+
+    def to_status(self) -> dict[str, Any]:
+        return {
+            "namespace": self.namespace,
+            "roleName": self.role,
+            "roleBindingName": self.binding,
+            "rules": [r.to_dict() for r in self.rules],
+        }
+
+
+@dataclass(frozen=True)
+class LiveGrant:
+    """Everything needed to revoke a grant without reading the cluster."""
+
+    namespace: str
+    name: str
+    uid: str
+    spec: TaskSpec
+    service_account: str
+    secret: str
+    grants: tuple[NamespaceGrant, ...]
+    policies: tuple[str, ...]
+    expires_at: datetime | None
+    pod_uid: str | None = None
+    granted_at: datetime | None = None
+    created_at: datetime | None = None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    return datetime.strptime(text[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+
+
+def planned_grant(task: Mapping[str, Any], spec: TaskSpec) -> LiveGrant:
+    """The objects a task has or would have, from its spec and UID alone."""
+    meta = task["metadata"]
+    name = base_name(meta["name"], meta["uid"])
+    return LiveGrant(
+        namespace=meta["namespace"],
+        name=meta["name"],
+        uid=meta["uid"],
+        spec=spec,
+        service_account=name,
+        secret=secret_name(meta["name"], meta["uid"]),
+        grants=tuple(NamespaceGrant(e.namespace, name, name, e.rules) for e in spec.access),
+        policies=(),
+        expires_at=None,
+        created_at=parse_time(meta.get("creationTimestamp")),
+    )
+
+
+def grant_from_task(task: Mapping[str, Any]) -> LiveGrant | None:
+    """Rebuild a live grant from an AgentTask's status (after a restart); None if unusable."""
+    meta = task.get("metadata", {})
+    status = task.get("status") or {}
+    try:
+        spec = parse_task_spec(meta["namespace"], task.get("spec") or {})
+    except (ValueError, KeyError):
+        return None
+    planned = planned_grant(task, spec)
+    if status.get("phase") != Phase.ACTIVE.value:
+        return planned
+    grants = tuple(
+        NamespaceGrant(
+            g.get("namespace", ""),
+            g.get("roleName", planned.service_account),
+            g.get("roleBindingName", planned.service_account),
+            parse_rules(g.get("rules")),
+        )
+        for g in status.get("grants") or ()
+    )
+    return LiveGrant(
+        namespace=planned.namespace,
+        name=planned.name,
+        uid=planned.uid,
+        spec=spec,
+        service_account=status.get("serviceAccountName") or planned.service_account,
+        secret=status.get("tokenSecretName") or planned.secret,
+        grants=grants or planned.grants,
+        policies=tuple(status.get("policies") or ()),
+        expires_at=parse_time(status.get("expiresAt")),
+        pod_uid=status.get("podUID"),
+        granted_at=parse_time(status.get("grantedAt")),
+        created_at=planned.created_at,
+    )
+
+
+@dataclass
+class Registry:
+    """Live grants by task UID, indexed by pod, agent and target namespace."""
+
+    _grants: dict[str, LiveGrant] = field(default_factory=dict)
+    _locks: dict[str, threading.Lock] = field(default_factory=lambda: defaultdict(threading.Lock))
+    _mutex: threading.Lock = field(default_factory=threading.Lock)
+    #: Bumped by every outside change that may end grants (see Service.note_change).
+    generation: int = 0
+
+    def lock(self, uid: str) -> threading.Lock:
+        with self._mutex:
+            return self._locks[uid]
+
+    def forget_lock(self, uid: str) -> None:
+        with self._mutex:
+            self._locks.pop(uid, None)
+
+    def add(self, grant: LiveGrant) -> None:
+        with self._mutex:
+            self._grants[grant.uid] = grant
+
+    def remove(self, uid: str) -> LiveGrant | None:
+        with self._mutex:
+            return self._grants.pop(uid, None)
+
+    def get(self, uid: str) -> LiveGrant | None:
+        with self._mutex:
+            return self._grants.get(uid)
+
+    def bump(self) -> None:
+        with self._mutex:
+            self.generation += 1
+
+    def all(self) -> list[LiveGrant]:
+        with self._mutex:
+            return list(self._grants.values())
+
+    def __len__(self) -> int:
+        return len(self._grants)
+
+    def for_pod(self, namespace: str, pod: str) -> list[LiveGrant]:
+        return [g for g in self.all() if g.namespace == namespace and g.spec.pod_name == pod]
+
+    def for_agent(self, namespace: str, agent: str) -> list[LiveGrant]:
+        return [g for g in self.all() if g.namespace == namespace and g.spec.agent == agent]
+
+    def for_target(self, namespaces: Iterable[str] | None) -> list[LiveGrant]:
+        """Grants into any of these namespaces; all grants when namespaces is None."""
+        grants = self.all()
+        if namespaces is None:
+            return grants
+        wanted = set(namespaces)
+        return [g for g in grants if wanted & {n.namespace for n in g.grants}]
+
+
+class Deadlines:
+    """Calls `fire(key)` at each scheduled wall-clock time, from one thread."""
+
+    def __init__(self, fire: Callable[[str], None], clock: Callable[[], float] = time.time):
+        self._fire = fire
+        self._clock = clock
+        self._heap: list[tuple[float, int, str]] = []
+        self._current: dict[str, int] = {}
+        self._seq = itertools.count()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="deadlines", daemon=True)
+        self._thread.start()
+
+    def schedule(self, key: str, when: datetime) -> None:
+        with self._cond:
+            seq = next(self._seq)
+            self._current[key] = seq
+            heapq.heappush(self._heap, (when.timestamp(), seq, key))
+            self._cond.notify()
+
+    def cancel(self, key: str) -> None:
+        with self._cond:
+            self._current.pop(key, None)
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._current)
+
+    def next_due(self) -> float | None:
+        with self._cond:
+            live = [t for t, s, k in self._heap if self._current.get(k) == s]
+            return min(live) if live else None
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped:
+                    while self._heap and self._current.get(self._heap[0][2]) != self._heap[0][1]:
+                        heapq.heappop(self._heap)  # cancelled or rescheduled
+                    if not self._heap:
+                        self._cond.wait()
+                        continue
+                    delay = self._heap[0][0] - self._clock()
+                    if delay <= 0:
+                        break
+                    self._cond.wait(timeout=min(delay, 60))
+                if self._stopped:
+                    return
+                _, _, key = heapq.heappop(self._heap)
+                self._current.pop(key, None)
+            try:
+                self._fire(key)
+            except Exception:  # the timer thread must survive a failing callback
+                log.exception("deadline callback failed for %s", key)

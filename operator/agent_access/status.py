@@ -1,0 +1,127 @@
+"""AgentTask status and its `Granted` condition, in Kubernetes conventions.
+
+Purely computational, no side effects. One helper (`set_condition`) owns the
+condition rules: lastTransitionTime changes only when the status flips, and
+observedGeneration is always carried.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from .model import END_PHASE, Phase, Reason
+
+CONDITION = "Granted"
+
+
+def rfc3339(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def set_condition(
+    existing: Sequence[Mapping[str, Any]] | None,
+    status: bool,
+    reason: str,
+    message: str,
+    generation: int | None,
+    now: datetime,
+    ctype: str = CONDITION,
+) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    previous = None
+    for cond in existing or ():
+        if cond.get("type") == ctype:
+            previous = cond
+        else:
+            out.append(dict(cond))
+    value = "True" if status else "False"
+    changed = previous is None or previous.get("status") != value
+    out.append(
+        {
+            "type": ctype,
+            "status": value,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": rfc3339(now) if changed else previous["lastTransitionTime"],
+            "observedGeneration": generation,
+        }
+    )
+    return out
+
+
+def _base(task: Mapping[str, Any]) -> tuple[dict[str, Any], int | None]:
+    status = dict(task.get("status") or {})
+    return status, task.get("metadata", {}).get("generation")
+
+
+def pending(task: Mapping[str, Any], reason: Reason, message: str, now: datetime) -> dict:
+    status, generation = _base(task)
+    status.update(phase=Phase.PENDING.value, reason=reason.value, message=message)
+    status["observedGeneration"] = generation
+    status["conditions"] = set_condition(
+        status.get("conditions"), False, reason.value, message, generation, now
+    )
+    return status
+
+
+def denied(task: Mapping[str, Any], reason: Reason, message: str, now: datetime) -> dict:
+    status, generation = _base(task)
+    status.update(
+        phase=Phase.DENIED.value,
+        reason=reason.value,
+        message=message,
+        observedGeneration=generation,
+        endedAt=rfc3339(now),
+    )
+    status["conditions"] = set_condition(
+        status.get("conditions"), False, reason.value, message, generation, now
+    )
+    return status
+
+
+def active(
+    task: Mapping[str, Any],
+    message: str,
+    service_account: str,
+    secret: str,
+    granted_at: datetime,
+    expires_at: datetime,
+    policies: list[str],
+    grants: list[dict[str, Any]],
+    now: datetime,
+) -> dict:
+    status, generation = _base(task)
+    status.update(
+        phase=Phase.ACTIVE.value,
+        reason=Reason.POLICY_ALLOWED.value,
+        message=message,
+        observedGeneration=generation,
+        serviceAccountName=service_account,
+        tokenSecretName=secret,
+        grantedAt=rfc3339(granted_at),
+        expiresAt=rfc3339(expires_at),
+        policies=policies,
+        grants=grants,
+    )
+    status["conditions"] = set_condition(
+        status.get("conditions"), True, Reason.POLICY_ALLOWED.value, message, generation, now
+    )
+    return status
+
+
+def ended(task: Mapping[str, Any], reason: Reason, message: str, now: datetime) -> dict:
+    """A grant that was live (or being issued) has ended; the record stays for audit."""
+    status, generation = _base(task)
+    status.update(
+        phase=END_PHASE[reason].value,
+        reason=reason.value,
+        message=message,
+        observedGeneration=generation,
+        endedAt=rfc3339(now),
+    )
+    status["conditions"] = set_condition(
+        status.get("conditions"), False, reason.value, message, generation, now
+    )
+    return status
