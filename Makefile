@@ -1,0 +1,57 @@
+# agent-access-operator — run `make help` for the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+KUBECTL     := $(VENV)/bin/kubectl
+KUBECONFIG_LOCAL := $(CURDIR)/.controlplane/kubeconfig
+PYTEST_ARGS ?=
+
+.PHONY: help install binaries controlplane-up controlplane-down crds lint test test-unit \
+        test-integration demo run clean
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-20s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed ## Create .venv/ and install the operator with its dev extra
+
+binaries: ## Build kube-apiserver, etcd and helm from the Go module proxy (cached by version)
+	hack/build-binaries.sh
+
+controlplane-up: install binaries ## Start the local etcd + kube-apiserver; kubeconfig in .controlplane/
+	$(PY) hack/controlplane.py up
+
+controlplane-down: ## Stop the local control plane and remove its state
+	@if [ -x $(PY) ]; then $(PY) hack/controlplane.py down; else rm -rf .controlplane; fi
+
+crds: install ## Regenerate crds/ from hack/gen_crds.py
+	$(PY) hack/gen_crds.py
+
+lint: install ## ruff (lint and format check)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test-unit: install ## Unit tests (pure logic, no cluster)
+	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)
+
+test-integration: install binaries ## Integration tests against the real local control plane
+	$(PY) -m pytest tests/integration -q -p no:randomly $(PYTEST_ARGS)
+
+test: lint test-unit test-integration ## ruff, unit tests, then integration tests (the CI command)
+
+demo: controlplane-up ## Run the operator on the local control plane with the example; watch a grant live and end
+	KUBECONFIG=$(KUBECONFIG_LOCAL) hack/demo.sh
+
+run: controlplane-up ## Run the operator in the foreground against the local control plane
+	KUBECONFIG=$(KUBECONFIG_LOCAL) $(KUBECTL) apply -f crds/
+	KUBECONFIG=$(KUBECONFIG_LOCAL) $(VENV)/bin/agent-access-operator run
+
+clean: controlplane-down ## Remove the venv and caches (the binary cache in ~/.cache stays)
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis

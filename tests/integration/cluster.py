@@ -1,0 +1,336 @@
+"""Helpers for integration tests: admin and token clients, waiting, the operator process."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+
+from agent_access.kube import (
+    ACCESS_POLICIES,
+    AGENT_TASKS,
+    CLUSTER_ACCESS_POLICIES,
+    NAMESPACES,
+    PODS,
+    ROLE_BINDINGS,
+    ROLES,
+    SECRETS,
+    SERVICE_ACCOUNTS,
+    Kube,
+    KubeError,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+#: Every token read in tests, for the scan that proves none leaked.
+SEEN_TOKENS: list[str] = []
+
+
+def admin(kubeconfig: str) -> Kube:
+    config = kubernetes.client.Configuration()
+    kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=config)
+    config.connection_pool_maxsize = 16
+    return Kube(kubernetes.client.ApiClient(config), retries=3)
+
+
+def as_token(kubeconfig: str, token: str) -> Kube:
+    """A client that authenticates only with the given bearer token (no retries)."""
+    base = kubernetes.client.Configuration()
+    kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=base)
+    config = kubernetes.client.Configuration()
+    config.host = base.host
+    config.ssl_ca_cert = base.ssl_ca_cert
+    config.api_key = {"BearerToken": token}
+    config.api_key_prefix = {"BearerToken": "Bearer"}
+    return Kube(kubernetes.client.ApiClient(config), retries=0)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10, interval: float = 0.05, what=""):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:6]}"
+
+
+def status_code(fn: Callable[[], Any]) -> int:
+    try:
+        fn()
+        return 200
+    except KubeError as exc:
+        return exc.status
+
+
+class World:
+    """Objects a test creates, on the admin client."""
+
+    def __init__(self, kube: Kube, kubeconfig: str):
+        self.kube = kube
+        self.kubeconfig = kubeconfig
+
+    def namespace(self, prefix: str = "ns", labels: dict | None = None) -> str:
+        name = unique(prefix)
+        self.kube.create(NAMESPACES, None, {"metadata": {"name": name, "labels": labels or {}}})
+        return name
+
+    def service_account(self, ns: str, name: str) -> None:
+        self.kube.create(SERVICE_ACCOUNTS, ns, {"metadata": {"name": name}})
+
+    def pod(self, ns: str, name: str, sa: str) -> dict:
+        return self.kube.create(
+            PODS,
+            ns,
+            {
+                "metadata": {"name": name},
+                "spec": {
+                    "serviceAccountName": sa,
+                    "automountServiceAccountToken": False,
+                    "containers": [{"name": "agent", "image": "registry.example/agent:1"}],
+                },
+            },
+        )
+
+    def set_pod_phase(self, ns: str, name: str, phase: str) -> None:
+        self.kube.merge_patch(PODS, ns, name, {"status": {"phase": phase}}, "status")
+
+    def policy(
+        self, ns: str, name: str, subjects: list[tuple[str, str]], rules: list[dict], **spec: Any
+    ) -> dict:
+        body = {
+            "apiVersion": "agentaccess.io/v1alpha1",
+            "kind": "AccessPolicy",
+            "metadata": {"name": name},
+            "spec": {
+                "subjects": [{"namespace": n, "serviceAccount": s} for n, s in subjects],
+                "rules": rules,
+                **spec,
+            },
+        }
+        return self.kube.create(ACCESS_POLICIES, ns, body)
+
+    def cluster_policy(
+        self,
+        name: str,
+        subjects: list[tuple[str, str]],
+        rules: list[dict],
+        selector: dict,
+        **spec: Any,
+    ) -> dict:
+        body = {
+            "apiVersion": "agentaccess.io/v1alpha1",
+            "kind": "ClusterAccessPolicy",
+            "metadata": {"name": name},
+            "spec": {
+                "subjects": [{"namespace": n, "serviceAccount": s} for n, s in subjects],
+                "rules": rules,
+                "namespaceSelector": selector,
+                **spec,
+            },
+        }
+        return self.kube.create(CLUSTER_ACCESS_POLICIES, None, body)
+
+    def task(self, ns: str, name: str, agent: str, access: list[dict], **spec: Any) -> dict:
+        body = {
+            "apiVersion": "agentaccess.io/v1alpha1",
+            "kind": "AgentTask",
+            "metadata": {"name": name},
+            "spec": {
+                "agent": agent,
+                "intent": spec.pop("intent", f"integration test {name}"),
+                "access": access,
+                **spec,
+            },
+        }
+        return self.kube.create(AGENT_TASKS, ns, body)
+
+    def get_task(self, ns: str, name: str) -> dict | None:
+        return self.kube.get(AGENT_TASKS, ns, name)
+
+    def wait_phase(self, ns: str, name: str, phases: set[str] | str, timeout: float = 10) -> dict:
+        wanted = {phases} if isinstance(phases, str) else phases
+
+        def check():
+            task = self.get_task(ns, name)
+            return task if task and (task.get("status") or {}).get("phase") in wanted else None
+
+        return wait_for(check, timeout, what=f"{ns}/{name} in {wanted}")
+
+    def token(self, task: dict) -> str:
+        ns = task["metadata"]["namespace"]
+        secret = self.kube.get(SECRETS, ns, task["status"]["tokenSecretName"])
+        token = base64.b64decode(secret["data"]["token"]).decode()
+        SEEN_TOKENS.append(token)
+        return token
+
+    def task_objects(self, task: dict) -> list[str]:
+        """Every object of the task's grant that still exists, as kind/ns/name."""
+        uid = task["metadata"]["uid"]
+        selector = f"agentaccess.io/task-uid={uid}"
+        left = []
+        for res in (ROLE_BINDINGS, ROLES, SERVICE_ACCOUNTS, SECRETS):
+            for obj in self.kube.list(res, None, label_selector=selector):
+                m = obj["metadata"]
+                left.append(f"{res.plural}/{m['namespace']}/{m['name']}")
+        return left
+
+    def events(self, ns: str, name: str) -> list[dict]:
+        from agent_access.kube import EVENTS
+
+        return [e for e in self.kube.list(EVENTS, ns) if e["involvedObject"]["name"] == name]
+
+
+def can(
+    kube: Kube,
+    verb: str,
+    resource: str,
+    ns: str,
+    group: str = "",
+    subresource: str = "",
+    name: str = "",
+) -> bool:
+    """SelfSubjectAccessReview made with the client's own credentials."""
+    attrs = {"namespace": ns, "verb": verb, "group": group, "resource": resource}
+    if subresource:
+        attrs["subresource"] = subresource
+    if name:
+        attrs["name"] = name
+    review = kube.request(
+        "POST",
+        "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+        body={
+            "apiVersion": "authorization.k8s.io/v1",
+            "kind": "SelfSubjectAccessReview",
+            "spec": {"resourceAttributes": attrs},
+        },
+    )
+    return bool(review["status"].get("allowed"))
+
+
+def list_pods_status(kube: Kube, ns: str) -> int:
+    return status_code(lambda: kube.list(PODS, ns))
+
+
+class OperatorProcess:
+    """`agent-access-operator run` as a child process, logs captured for inspection."""
+
+    def __init__(self, kubeconfig: str, workdir: Path):
+        self.kubeconfig = kubeconfig
+        self.workdir = workdir
+        self.port = free_port()
+        self.audit_file = workdir / "audit.jsonl"
+        self.proc: subprocess.Popen | None = None
+        self.runs = 0
+
+    @property
+    def stdout_path(self) -> Path:
+        return self.workdir / f"operator-{self.runs}.out"
+
+    def start(self, extra: list[str] | None = None) -> None:
+        self.runs += 1
+        env = dict(os.environ, KUBECONFIG=self.kubeconfig, PYTHONUNBUFFERED="1")
+        exe = Path(sys.executable).with_name("agent-access-operator")
+        out_path = self.workdir / f"operator-{self.runs}.out"
+        err_path = self.workdir / f"operator-{self.runs}.err"
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [
+                    str(exe),
+                    "run",
+                    "--metrics-port",
+                    str(self.port),
+                    "--metrics-host",
+                    "127.0.0.1",
+                    "--audit-file",
+                    str(self.audit_file),
+                    *(extra or []),
+                ],
+                stdout=out,
+                stderr=err,
+                env=env,
+                start_new_session=True,
+            )
+        wait_for(self.ready, 30, 0.1, "operator /readyz")
+
+    def ready(self) -> bool:
+        import urllib.request
+
+        if self.proc and self.proc.poll() is not None:
+            raise AssertionError(f"operator exited: {self.logs()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def logs(self) -> str:
+        text = ""
+        for path in sorted(self.workdir.glob("operator-*.*")):
+            text += path.read_text(errors="replace")
+        return text
+
+    def audit_lines(self) -> list[dict]:
+        if not self.audit_file.exists():
+            return []
+        return [json.loads(line) for line in self.audit_file.read_text().splitlines() if line]
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=2) as r:
+            return r.read().decode()
+
+
+#: name -> list of seconds; printed at the end of the run (tests/conftest.py).
+TIMINGS: dict[str, list[float]] = {}
+
+
+def record_timing(name: str, seconds: float) -> None:
+    TIMINGS.setdefault(name, []).append(seconds)
+
+
+def poll_status(fn: Callable[[], int], wanted: set[int], timeout: float, interval=0.01) -> float:
+    """Call fn until it returns a status in `wanted`; return seconds taken."""
+    started = time.monotonic()
+    while True:
+        code = fn()
+        if code in wanted:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"still {code} after {timeout}s (wanted {sorted(wanted)})")
+        time.sleep(interval)

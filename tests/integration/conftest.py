@@ -1,0 +1,83 @@
+"""Integration fixtures: a real etcd + kube-apiserver, the CRDs, the operator process.
+
+The control plane is reused when KUBECONFIG points at one that answers; otherwise
+one is started for the session (state in a temporary directory) and stopped after.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from .cluster import ROOT, OperatorProcess, World, admin
+
+sys.path.insert(0, str(ROOT / "hack"))
+import controlplane
+
+
+def _answers(kubeconfig: str) -> bool:
+    try:
+        admin(kubeconfig).request("GET", "/readyz")
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def kubeconfig():
+    existing = os.environ.get("KUBECONFIG")
+    if existing and Path(existing).exists() and _answers(existing):
+        yield existing
+        return
+    state = tempfile.mkdtemp(prefix="aao-test-cp-")
+    controlplane.STATE_DIR = Path(state)
+    controlplane.KUBECONFIG = Path(state) / "kubeconfig"
+    controlplane.STATE_FILE = Path(state) / "state.json"
+    controlplane.up()
+    try:
+        yield str(controlplane.KUBECONFIG)
+    finally:
+        controlplane.down(quiet=True)
+
+
+@pytest.fixture(scope="session")
+def server_version(kubeconfig):
+    version = admin(kubeconfig).request("GET", "/version")
+    print(f"\nintegration tests against kube-apiserver {version['gitVersion']}")
+    return version["gitVersion"]
+
+
+@pytest.fixture(scope="session")
+def crds(kubeconfig, server_version):
+    kubectl = Path(sys.executable).with_name("kubectl")
+    env = dict(os.environ, KUBECONFIG=kubeconfig)
+    subprocess.run(
+        [str(kubectl), "apply", "-f", str(ROOT / "crds")],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    subprocess.run(
+        [str(kubectl), "wait", "--for", "condition=established", "crd", "--all", "--timeout=30s"],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture(scope="session")
+def operator(kubeconfig, crds, tmp_path_factory):
+    proc = OperatorProcess(kubeconfig, tmp_path_factory.mktemp("operator"))
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def world(kubeconfig):
+    return World(admin(kubeconfig), kubeconfig)
