@@ -5,9 +5,11 @@ from __future__ import annotations
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     try:
-        from tests.integration.cluster import TIMINGS
+        from tests.integration.cluster import FACTS, TIMINGS
     except Exception:
         return
+    for name, value in FACTS.items():
+        terminalreporter.write_line(f"tested against {name} {value}")
     if not TIMINGS:
         return
     terminalreporter.section("measured timings (seconds)")

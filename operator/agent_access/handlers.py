@@ -66,7 +66,6 @@ def start(settings: kopf.OperatorSettings, **_: Any) -> None:
         prefix=GROUP, key="last-handled-configuration"
     )
     settings.posting.enabled = False  # the service writes its own Events
-    settings.batching.batch_window = 0.01
     settings.execution.max_workers = max(8, CONFIG.workers)
     settings.watching.server_timeout = 300
     settings.scanning.disabled = True

@@ -318,6 +318,8 @@ class OperatorProcess:
 
 #: name -> list of seconds; printed at the end of the run (tests/conftest.py).
 TIMINGS: dict[str, list[float]] = {}
+#: What the run was tested against, printed at the end of the run.
+FACTS: dict[str, str] = {}
 
 
 def record_timing(name: str, seconds: float) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .cluster import ROOT, OperatorProcess, World, admin
+from .cluster import FACTS, ROOT, OperatorProcess, World, admin
 
 sys.path.insert(0, str(ROOT / "hack"))
 import controlplane
@@ -48,7 +48,7 @@ def kubeconfig():
 @pytest.fixture(scope="session")
 def server_version(kubeconfig):
     version = admin(kubeconfig).request("GET", "/version")
-    print(f"\nintegration tests against kube-apiserver {version['gitVersion']}")
+    FACTS["kube-apiserver"] = version["gitVersion"]
     return version["gitVersion"]
 
 
