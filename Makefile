@@ -7,9 +7,13 @@ PY          := $(VENV)/bin/python
 KUBECTL     := $(VENV)/bin/kubectl
 KUBECONFIG_LOCAL := $(CURDIR)/.controlplane/kubeconfig
 PYTEST_ARGS ?=
+HELM         = $(shell hack/build-binaries.sh --print | tr ':' '\n' | grep helm)/helm
+CHART       := charts/agent-access-operator
+IMAGE       ?= ghcr.io/agent-access/agent-access-operator:0.1.0
+K8S_VERSION ?= 1.37.2
 
-.PHONY: help install binaries controlplane-up controlplane-down crds lint test test-unit \
-        test-integration demo run clean
+.PHONY: help install binaries controlplane-up controlplane-down crds manifests lint test \
+        test-unit test-chart test-integration e2e demo run image clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-20s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -31,8 +35,12 @@ controlplane-up: install binaries ## Start the local etcd + kube-apiserver; kube
 controlplane-down: ## Stop the local control plane and remove its state
 	@if [ -x $(PY) ]; then $(PY) hack/controlplane.py down; else rm -rf .controlplane; fi
 
-crds: install ## Regenerate crds/ from hack/gen_crds.py
+crds: install ## Regenerate crds/ (and the chart's copy) from hack/gen_crds.py
 	$(PY) hack/gen_crds.py
+
+manifests: install binaries ## Render manifests/install.yaml from the chart (default values)
+	$(HELM) template agent-access-operator $(CHART) --namespace agent-access-system \
+	  --kube-version $(K8S_VERSION) --skip-tests --include-crds > manifests/install.yaml
 
 lint: install ## ruff (lint and format check)
 	$(VENV)/bin/ruff check .
@@ -44,7 +52,14 @@ test-unit: install ## Unit tests (pure logic, no cluster)
 test-integration: install binaries ## Integration tests against the real local control plane
 	$(PY) -m pytest tests/integration -q -p no:randomly $(PYTEST_ARGS)
 
-test: lint test-unit test-integration ## ruff, unit tests, then integration tests (the CI command)
+test-chart: install binaries ## helm lint, rendered manifests validated, install.yaml current
+	$(HELM) lint --strict $(CHART)
+	HELM=$(HELM) $(PY) -m pytest tests/chart -q $(PYTEST_ARGS)
+
+test: lint test-unit test-chart test-integration ## ruff, unit, chart, then integration tests (the CI command)
+
+e2e: install binaries ## Chart e2e on the local control plane, under the chart's own identity
+	HELM=$(HELM) $(PY) -m pytest e2e -q -p no:randomly $(PYTEST_ARGS)
 
 demo: controlplane-up ## Run the operator on the local control plane with the example; watch a grant live and end
 	KUBECONFIG=$(KUBECONFIG_LOCAL) hack/demo.sh
@@ -52,6 +67,9 @@ demo: controlplane-up ## Run the operator on the local control plane with the ex
 run: controlplane-up ## Run the operator in the foreground against the local control plane
 	KUBECONFIG=$(KUBECONFIG_LOCAL) $(KUBECTL) apply -f crds/
 	KUBECONFIG=$(KUBECONFIG_LOCAL) $(VENV)/bin/agent-access-operator run
+
+image: ## Build the operator image (needs a Docker engine; none runs on the dev machines)
+	docker build -t $(IMAGE) .
 
 clean: controlplane-down ## Remove the venv and caches (the binary cache in ~/.cache stays)
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis

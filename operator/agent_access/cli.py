@@ -37,8 +37,36 @@ def build_parser() -> argparse.ArgumentParser:
         help="watch only these namespaces (repeatable or comma-separated); default: all namespaces",
     )
     run.add_argument(
-        "--peering",
-        help="kopf peering name: run several replicas, one active (default: standalone)",
+        "--leader-elect",
+        action="store_true",
+        help="run several replicas safely: only the holder of a Lease acts",
+    )
+    run.add_argument(
+        "--leader-election-namespace",
+        help="namespace of the Lease (default: the pod's own namespace)",
+    )
+    run.add_argument(
+        "--leader-election-id",
+        default="agent-access-operator",
+        help="name of the Lease (default agent-access-operator)",
+    )
+    run.add_argument(
+        "--lease-duration",
+        type=int,
+        default=15,
+        help="seconds a leader may go without renewing before a standby takes over",
+    )
+    run.add_argument(
+        "--lease-retry",
+        type=float,
+        default=2.0,
+        help="seconds between renewals and acquisition attempts",
+    )
+    run.add_argument(
+        "--grant-namespace",
+        action="append",
+        help="only grant into these namespaces (repeatable or comma-separated; "
+        "default: any namespace)",
     )
     run.add_argument(
         "--workers", type=int, default=16, help="threads for handlers and revocations (default 16)"
@@ -73,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
         verbs=_split(args.forbid_verb),
         resources=_split(args.forbid_resource),
         write_protected=_split(args.protect_resource),
+        target_namespaces=_split(args.grant_namespace) or None,
     )
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.PLAIN)
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
@@ -80,14 +109,45 @@ def run(args: argparse.Namespace) -> int:
     if not args.verbose:  # kopf logs every handler run at INFO; keep our own decisions
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     serve(handlers.CONFIG.metrics, handlers.CONFIG.health, args.metrics_port, args.metrics_host)
+    elector = _leader_elector(args) if args.leader_elect else None
+    if elector:
+        handlers.CONFIG.health.standby.set()
+        elector.wait_for_leadership()
+        handlers.CONFIG.health.standby.clear()
+        handlers.CONFIG.metrics.leader.set(1)
     namespaces = _split(args.namespaces)
-    kopf.run(
-        standalone=not args.peering,
-        peering_name=args.peering,
-        clusterwide=not namespaces,
-        namespaces=namespaces,
-    )
+    try:
+        kopf.run(standalone=True, clusterwide=not namespaces, namespaces=namespaces)
+    finally:
+        if elector:
+            elector.release()
     return 0
+
+
+def _leader_elector(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    import os
+    import socket
+    import uuid
+
+    from .kube import Kube
+    from .leader import LeaderElector
+
+    namespace = args.leader_election_namespace or os.environ.get("POD_NAMESPACE")
+    if not namespace:
+        try:
+            with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
+                namespace = f.read().strip()
+        except OSError:
+            namespace = "default"
+    identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
+    return LeaderElector(
+        Kube.from_environment(pool_size=2),
+        namespace,
+        args.leader_election_id,
+        identity,
+        lease_seconds=args.lease_duration,
+        retry_seconds=args.lease_retry,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -242,6 +242,9 @@ Decision = Granted | Denied
 
 def check_guardrails(spec: TaskSpec, guardrails: Guardrails) -> Denied | None:
     for entry in spec.access:
+        outside = guardrails.namespace_violation(entry.namespace)
+        if outside:
+            return Denied(Reason.FORBIDDEN, f"namespace {entry.namespace}: {outside}")
         for rule in entry.rules:
             why = guardrails.violation(rule)
             if why:

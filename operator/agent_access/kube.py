@@ -187,20 +187,6 @@ class Kube:
     def create(self, res: Resource, namespace: str | None, body: Mapping[str, Any]) -> dict:
         return self.request("POST", res.path(namespace), body=body)
 
-    def apply(self, res: Resource, namespace: str | None, body: Mapping[str, Any]) -> dict:
-        """Create, or replace what exists under that name (idempotent)."""
-        try:
-            return self.create(res, namespace, body)
-        except Conflict:
-            name = body["metadata"]["name"]
-            current = self.get(res, namespace, name) or {}
-            replacement = dict(body)
-            replacement["metadata"] = dict(body["metadata"])
-            replacement["metadata"]["resourceVersion"] = current.get("metadata", {}).get(
-                "resourceVersion", ""
-            )
-            return self.request("PUT", res.path(namespace, name), body=replacement)
-
     def delete(self, res: Resource, namespace: str | None, name: str) -> bool:
         """Delete; True if something was deleted, False if it was already gone."""
         try:

@@ -72,6 +72,9 @@ class Metrics:
             ["verb", "code"],
             registry=r,
         )
+        self.leader = Gauge(
+            "agentaccess_leader", "1 when this instance holds the leader Lease", registry=r
+        )
         self.handler_seconds = Histogram(
             "agentaccess_handler_duration_seconds",
             "Time spent in operator handlers",
@@ -116,10 +119,16 @@ class Metrics:
 
 
 class Health:
-    """Liveness and readiness state shared with the HTTP server."""
+    """Liveness and readiness state shared with the HTTP server.
+
+    /readyz is 200 with "ok" when this instance leads and watches, 200 with
+    "standby" while it waits for the leader Lease (a healthy replica), and 503
+    while starting.
+    """
 
     def __init__(self) -> None:
         self.ready = threading.Event()
+        self.standby = threading.Event()
 
 
 def serve(
@@ -133,9 +142,13 @@ def serve(
             elif path == "/healthz":
                 body, ctype, code = b"ok\n", "text/plain", 200
             elif path == "/readyz":
-                ok = health.ready.is_set()
-                body = b"ok\n" if ok else b"not ready\n"
-                ctype, code = "text/plain", 200 if ok else 503
+                if health.ready.is_set():
+                    body, code = b"ok\n", 200
+                elif health.standby.is_set():
+                    body, code = b"standby\n", 200
+                else:
+                    body, code = b"not ready\n", 503
+                ctype = "text/plain"
             else:
                 body, ctype, code = b"not found\n", "text/plain", 404
             self.send_response(code)

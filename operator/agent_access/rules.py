@@ -109,20 +109,31 @@ class Guardrails:
         }
     )
     write_verbs: frozenset[str] = field(default=WRITE_VERBS)
+    #: When set, the only namespaces the install lets the operator grant into.
+    target_namespaces: frozenset[str] | None = None
 
     def extended(
         self,
         verbs: Iterable[str] = (),
         resources: Iterable[str] = (),
         write_protected: Iterable[str] = (),
+        target_namespaces: Iterable[str] | None = None,
     ) -> Guardrails:
         """The defaults plus what an install adds (they can only grow)."""
+        targets = frozenset(target_namespaces) if target_namespaces else self.target_namespaces
         return Guardrails(
             forbidden_verbs=self.forbidden_verbs | frozenset(verbs),
             forbidden_resources=self.forbidden_resources | frozenset(resources),
             write_protected_resources=self.write_protected_resources | frozenset(write_protected),
             write_verbs=self.write_verbs,
+            target_namespaces=targets,
         )
+
+    def namespace_violation(self, namespace: str) -> str | None:
+        if self.target_namespaces is not None and namespace not in self.target_namespaces:
+            allowed = ", ".join(sorted(self.target_namespaces))
+            return f"this installation may only grant into: {allowed}"
+        return None
 
     def _resource_forbidden(self, resource: str) -> bool:
         # "certificatesigningrequests" also forbids its subresources (approval, status).

@@ -45,6 +45,7 @@ from .kube import (
     Kube,
     KubeError,
     NotFound,
+    Resource,
 )
 from .metrics import Metrics
 from .model import (
@@ -309,32 +310,38 @@ class Service:
             )
         )
 
+    def _create_afresh(self, res: Resource, namespace: str, body: dict[str, Any]) -> dict:
+        """Create; an object of that name left by an interrupted attempt is replaced."""
+        try:
+            return self.kube.create(res, namespace, body)
+        except Conflict:
+            self.kube.delete(res, namespace, body["metadata"]["name"])
+            return self.kube.create(res, namespace, body)
+
     def _create_objects(
         self, task: Mapping[str, Any], plan: LiveGrant, decision: Granted, pod: PodFacts | None
     ) -> None:
         """Create every object of the grant; raise KubeError on the first failure."""
         ns = plan.namespace
         owners = objects.owners_in_task_namespace(task, (pod.name, pod.uid) if pod else None)
-        sa_body = objects.service_account(task, plan.service_account, owners)
-        try:
-            self.kube.create(SERVICE_ACCOUNTS, ns, sa_body)
-        except Conflict:  # left over from an interrupted attempt: start its identity afresh
-            self.kube.delete(SERVICE_ACCOUNTS, ns, plan.service_account)
-            self.kube.create(SERVICE_ACCOUNTS, ns, sa_body)
+        self._create_afresh(
+            SERVICE_ACCOUNTS, ns, objects.service_account(task, plan.service_account, owners)
+        )
         for g in plan.grants:
-            self.kube.apply(ROLES, g.namespace, objects.role(task, g.namespace, g.role, g.rules))
-            self.kube.apply(
+            self._create_afresh(
+                ROLES, g.namespace, objects.role(task, g.namespace, g.role, g.rules)
+            )
+            self._create_afresh(
                 ROLE_BINDINGS,
                 g.namespace,
                 objects.role_binding(task, g.namespace, g.binding, ns, plan.service_account),
             )
         expires = st.rfc3339(decision.expires_at)
-        secret_body = objects.token_secret(task, plan.secret, owners, plan.service_account, expires)
-        try:
-            secret = self.kube.create(SECRETS, ns, secret_body)
-        except Conflict:
-            self.kube.delete(SECRETS, ns, plan.secret)
-            secret = self.kube.create(SECRETS, ns, secret_body)
+        secret = self._create_afresh(
+            SECRETS,
+            ns,
+            objects.token_secret(task, plan.secret, owners, plan.service_account, expires),
+        )
         token, _ = self.kube.request_token(
             ns,
             plan.service_account,

@@ -236,8 +236,9 @@ def list_pods_status(kube: Kube, ns: str) -> int:
 class OperatorProcess:
     """`agent-access-operator run` as a child process, logs captured for inspection."""
 
-    def __init__(self, kubeconfig: str, workdir: Path):
+    def __init__(self, kubeconfig: str, workdir: Path, env: dict[str, str] | None = None):
         self.kubeconfig = kubeconfig
+        self.extra_env = env or {}
         self.workdir = workdir
         self.port = free_port()
         self.audit_file = workdir / "audit.jsonl"
@@ -248,9 +249,9 @@ class OperatorProcess:
     def stdout_path(self) -> Path:
         return self.workdir / f"operator-{self.runs}.out"
 
-    def start(self, extra: list[str] | None = None) -> None:
+    def start(self, extra: list[str] | None = None, wait: float = 30) -> None:
         self.runs += 1
-        env = dict(os.environ, KUBECONFIG=self.kubeconfig, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, KUBECONFIG=self.kubeconfig, PYTHONUNBUFFERED="1", **self.extra_env)
         exe = Path(sys.executable).with_name("agent-access-operator")
         out_path = self.workdir / f"operator-{self.runs}.out"
         err_path = self.workdir / f"operator-{self.runs}.err"
@@ -272,7 +273,8 @@ class OperatorProcess:
                 env=env,
                 start_new_session=True,
             )
-        wait_for(self.ready, 30, 0.1, "operator /readyz")
+        if wait:
+            wait_for(self.ready, wait, 0.1, "operator /readyz")
 
     def ready(self) -> bool:
         import urllib.request

@@ -1,0 +1,165 @@
+"""e2e fixtures: the chart installed with helm, the operator under the chart's identity.
+
+By default the suite starts its own local control plane (etcd + kube-apiserver)
+and runs the operator process locally, authenticated with a token of the
+chart's own ServiceAccount and started with the chart's own arguments, so the
+permissions exercised are exactly the chart's. With E2E_KUBECONFIG set (e.g. a
+kind cluster, see e2e/kind/run.sh) it uses that cluster instead, and with
+E2E_IN_CLUSTER=1 the chart's Deployment is the operator.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from tests.integration.cluster import ROOT, OperatorProcess, World, admin, free_port
+
+sys.path.insert(0, str(ROOT / "hack"))
+import controlplane
+
+RELEASE = "agent-access-operator"
+NAMESPACE = "agent-access-system"
+CHART = ROOT / "charts" / "agent-access-operator"
+HELM = os.environ.get("HELM", "helm")
+IN_CLUSTER = os.environ.get("E2E_IN_CLUSTER") == "1"
+
+if IN_CLUSTER:  # the RBAC-removal test restarts a local process; in-cluster runs the lifecycle
+    collect_ignore = ["test_chart_rbac.py"]
+
+
+@pytest.fixture(scope="session")
+def kubeconfig():
+    given = os.environ.get("E2E_KUBECONFIG")
+    if given:
+        yield given
+        return
+    state = tempfile.mkdtemp(prefix="aao-e2e-cp-")
+    controlplane.STATE_DIR = Path(state)
+    controlplane.KUBECONFIG = Path(state) / "kubeconfig"
+    controlplane.STATE_FILE = Path(state) / "state.json"
+    controlplane.up()
+    try:
+        yield str(controlplane.KUBECONFIG)
+    finally:
+        controlplane.down(quiet=True)
+
+
+def helm(kubeconfig: str, *args: str) -> str:
+    env = dict(os.environ, KUBECONFIG=kubeconfig)
+    return subprocess.run([HELM, *args], check=True, capture_output=True, text=True, env=env).stdout
+
+
+@pytest.fixture(scope="session")
+def release(kubeconfig):
+    """helm install, as a platform team would (no --wait: no kubelet runs the pod here)."""
+    values = [
+        "--set",
+        f"image.repository={os.environ.get('E2E_IMAGE_REPO', 'agent-access-operator')}",
+        "--set",
+        f"image.tag={os.environ.get('E2E_IMAGE_TAG', 'e2e')}",
+        "--set",
+        "image.pullPolicy=IfNotPresent",
+    ]
+    helm(
+        kubeconfig,
+        "upgrade",
+        "--install",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        NAMESPACE,
+        "--create-namespace",
+        *values,
+    )
+    kubectl = Path(sys.executable).with_name("kubectl")
+    subprocess.run(
+        [str(kubectl), "wait", "--for", "condition=established", "crd", "--all", "--timeout=60s"],
+        check=True,
+        env=dict(os.environ, KUBECONFIG=kubeconfig),
+        stdout=subprocess.DEVNULL,
+    )
+    manifest = list(
+        yaml.safe_load_all(helm(kubeconfig, "get", "manifest", RELEASE, "--namespace", NAMESPACE))
+    )
+    yield [d for d in manifest if d]
+    if not os.environ.get("E2E_KEEP"):
+        helm(kubeconfig, "uninstall", RELEASE, "--namespace", NAMESPACE)
+
+
+def chart_args(manifest: list[dict]) -> tuple[str, list[str]]:
+    deploy = next(d for d in manifest if d["kind"] == "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert args[0] == "run"
+    return pod["serviceAccountName"], [a for a in args[1:] if not a.startswith("--metrics-port")]
+
+
+def token_kubeconfig(kubeconfig: str, namespace: str, sa: str, path: Path) -> str:
+    """A kubeconfig that authenticates only as the chart's ServiceAccount."""
+    token, _ = admin(kubeconfig).request_token(namespace, sa, 7200, (), None)
+    cfg = yaml.safe_load(Path(kubeconfig).read_text())
+    ctx = next(c for c in cfg["contexts"] if c["name"] == cfg["current-context"])["context"]
+    cluster = next(c for c in cfg["clusters"] if c["name"] == ctx["cluster"])
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "operator",
+                "clusters": [{"name": "c", "cluster": cluster["cluster"]}],
+                "users": [{"name": "operator", "user": {"token": token}}],
+                "contexts": [{"name": "operator", "context": {"cluster": "c", "user": "operator"}}],
+            }
+        )
+    )
+    path.chmod(0o600)
+    return str(path)
+
+
+class ChartOperator:
+    """The operator as the chart configures it, running locally under its identity."""
+
+    def __init__(self, kubeconfig: str, manifest: list[dict], workdir: Path):
+        sa, self.args = chart_args(manifest)
+        self.kubeconfig = token_kubeconfig(
+            kubeconfig, NAMESPACE, sa, workdir / "operator.kubeconfig"
+        )
+        self.proc = OperatorProcess(self.kubeconfig, workdir, env={"POD_NAMESPACE": NAMESPACE})
+        self.proc.port = free_port()
+
+    def start(self, wait: float = 30) -> None:
+        self.proc.start(self.args, wait=wait)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        admin_lease_reset = getattr(self, "on_stop", None)
+        if admin_lease_reset:
+            admin_lease_reset()
+
+
+@pytest.fixture(scope="session")
+def chart_operator(kubeconfig, release, tmp_path_factory):
+    if IN_CLUSTER:
+        yield None
+        return
+    op = ChartOperator(kubeconfig, release, tmp_path_factory.mktemp("chart-operator"))
+    op.start()
+    yield op
+    op.stop()
+
+
+@pytest.fixture
+def world(kubeconfig):
+    return World(admin(kubeconfig), kubeconfig)
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()

@@ -1,0 +1,205 @@
+"""The Helm chart: renders for several value sets, every manifest validates against
+the Kubernetes 1.37 schemas (strict), install.yaml equals the default render,
+unknown values are refused, every value is documented, examples fit the CRDs."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "agent-access-operator"
+HELM = os.environ.get("HELM", "helm")
+K8S = "1.37.2"
+CRD_KINDS = {}
+
+
+def render(*args: str) -> str:
+    return subprocess.run(
+        [
+            HELM,
+            "template",
+            "agent-access-operator",
+            str(CHART),
+            "--namespace",
+            "agent-access-system",
+            "--kube-version",
+            K8S,
+            *args,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+
+
+def docs(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+VALUE_SETS = {
+    "defaults": [],
+    "ha": ["--set", "replicaCount=2", "--set", "podDisruptionBudget.enabled=true"],
+    "restricted": [
+        "--set",
+        "rbac.grantNamespaces={payments,shop}",
+        "--set",
+        "watchNamespaces={agents,payments,shop}",
+        "--set",
+        "guardrails.forbidResources={secrets}",
+    ],
+    "no-crds-no-le": ["--set", "crds.enabled=false", "--set", "leaderElection.enabled=false"],
+    "monitoring": ["--set", "metrics.serviceMonitor.enabled=true"],
+}
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_renders_and_validates_strictly(name, tmp_path):
+    text = render(*VALUE_SETS[name])
+    out = tmp_path / "rendered.yaml"
+    builtin = [d for d in docs(text) if d["kind"] not in ("ServiceMonitor",)]
+    out.write_text(yaml.safe_dump_all(builtin))
+    result = subprocess.run(
+        [
+            str(Path(os.sys.executable).with_name("kubernetes-validate")),
+            "--strict",
+            "--no-warn",
+            "-k",
+            "1.37.0",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_defaults_are_locked_down():
+    rendered = docs(render())
+    deploy = next(d for d in rendered if d["kind"] == "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["resources"]["limits"] and container["resources"]["requests"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert "--leader-elect" in container["args"]
+    crds = [d for d in rendered if d["kind"] == "CustomResourceDefinition"]
+    assert {c["spec"]["names"]["kind"] for c in crds} == {
+        "AgentTask",
+        "AccessPolicy",
+        "ClusterAccessPolicy",
+    }
+    assert all(c["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for c in crds)
+
+
+def test_operator_never_gets_cluster_wide_secret_reads_or_clusterrole_writes():
+    for doc in docs(render()):
+        if doc["kind"] not in ("ClusterRole", "Role"):
+            continue
+        for rule in doc["rules"]:
+            if "secrets" in rule["resources"]:
+                assert not {"get", "list", "watch"} & set(rule["verbs"]), rule
+            assert "clusterroles" not in rule["resources"], rule
+            assert "clusterrolebindings" not in rule["resources"], rule
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+
+
+def test_grant_namespaces_use_rolebindings_and_flags():
+    rendered = docs(render("--set", "rbac.grantNamespaces={payments,shop}"))
+    bindings = [
+        d
+        for d in rendered
+        if d["kind"] == "RoleBinding" and d["roleRef"]["name"].endswith("-grant")
+    ]
+    assert {b["metadata"]["namespace"] for b in bindings} == {"payments", "shop"}
+    assert not [
+        d
+        for d in rendered
+        if d["kind"] == "ClusterRoleBinding" and d["roleRef"]["name"].endswith("-grant")
+    ]
+    args = next(d for d in rendered if d["kind"] == "Deployment")["spec"]["template"]["spec"][
+        "containers"
+    ][0]["args"]
+    assert "--grant-namespace=payments" in args and "--grant-namespace=shop" in args
+
+
+def test_install_yaml_is_the_default_render():
+    expected = render("--skip-tests", "--include-crds")
+    actual = (ROOT / "manifests" / "install.yaml").read_text()
+    assert actual == expected, "manifests/install.yaml is stale: run `make manifests`"
+
+
+def test_unknown_values_are_refused():
+    result = subprocess.run(
+        [HELM, "template", "x", str(CHART), "--kube-version", K8S, "--set", "replicas=2"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and "replicas" in result.stderr
+
+
+def test_every_value_is_documented():
+    """Each key has a comment above it, sits inside a documented block, or is a section."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    stack: list[tuple[int, bool]] = []  # (indent, documented) of enclosing keys
+    for i, line in enumerate(lines):
+        match = re.match(r"^(\s*)([A-Za-z]\w*):(.*)$", line)
+        if not match:
+            continue
+        indent = len(match.group(1))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        commented = i > 0 and lines[i - 1].strip().startswith("#")
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        section = not match.group(3).strip() and len(nxt) - len(nxt.lstrip()) > indent
+        assert commented or section or any(d for _, d in stack), (
+            f"values.yaml line {i + 1}: {match.group(2)} has no comment"
+        )
+        stack.append((indent, commented))
+
+
+def crd_schemas() -> dict[str, dict]:
+    out = {}
+    for path in (ROOT / "crds").glob("*.yaml"):
+        crd = yaml.safe_load(path.read_text())
+        out[crd["spec"]["names"]["kind"]] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    return out
+
+
+def _plain(schema):
+    """Drop Kubernetes extensions so a JSON-schema validator reads the CRD schema."""
+    if isinstance(schema, dict):
+        return {k: _plain(v) for k, v in schema.items() if not k.startswith("x-kubernetes")}
+    if isinstance(schema, list):
+        return [_plain(v) for v in schema]
+    return schema
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(
+        [*(ROOT / "examples").glob("*.yaml"), *(ROOT / "manifests" / "examples").glob("*.yaml")]
+    ),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
+def test_examples_fit_the_crds(path):
+    schemas = crd_schemas()
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc and doc["kind"] in schemas:
+            jsonschema.validate(doc, _plain(schemas[doc["kind"]]))
+
+
+def test_chart_crds_are_the_generated_ones():
+    for path in (ROOT / "crds").glob("*.yaml"):
+        assert (CHART / "files" / "crds" / path.name).read_text() == path.read_text()
