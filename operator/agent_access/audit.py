@@ -78,3 +78,168 @@ class AuditLog:
             if self.path:
                 with open(self.path, "a", encoding="utf-8") as f:
                     f.write(line + "\n")
+
+
+# ---------------------------------------------------------------------------
+# Reconstruction: an agent's path from status, Events and audit lines.
+
+_EVENT_OF_REASON = {
+    "PolicyAllowed": "granted",
+    "TTLExpired": "expired",
+    "TaskDeleted": "deleted",
+}
+_DENIALS = {
+    "NoMatchingPolicy",
+    "RuleNotAllowed",
+    "Forbidden",
+    "InvalidSpec",
+    "AgentNotFound",
+    "PodNotFound",
+}
+
+
+def _event_name(reason: str, phase: str | None = None) -> str:
+    if reason in _EVENT_OF_REASON:
+        return _EVENT_OF_REASON[reason]
+    if reason in _DENIALS and phase in (None, "Denied"):
+        return "denied"
+    return "revoked"
+
+
+def _sortable(time: str | None) -> str:
+    """RFC 3339 with or without fractions, comparable as text (…05Z -> …05.000000Z)."""
+    if not time:
+        return ""
+    base = time.rstrip("Z")
+    if "." not in base:
+        base += ".000000"
+    whole, frac = base.split(".", 1)
+    return f"{whole}.{frac[:6]:0<6}Z"
+
+
+def _rules_text(access: Sequence[Mapping[str, Any]]) -> str:
+    parts = []
+    for entry in access or ():
+        for rule in entry.get("rules") or ():
+            verbs = ",".join(rule.get("verbs") or ())
+            res = ",".join(rule.get("resources") or ())
+            names = rule.get("resourceNames")
+            parts.append(
+                f"{verbs} {res}"
+                + (f" ({','.join(names)})" if names else "")
+                + f" in {entry.get('namespace') or '(own namespace)'}"
+            )
+    return "; ".join(parts)
+
+
+def timeline(
+    task: Mapping[str, Any] | None,
+    events: Sequence[Mapping[str, Any]] = (),
+    lines: Sequence[Mapping[str, Any]] = (),
+) -> dict[str, Any]:
+    """One task's path, oldest first, from whatever sources exist. Purely computational.
+
+    `task` may be None (deleted): audit lines alone are enough to rebuild the path.
+    """
+    entries: list[dict[str, Any]] = []
+    meta = (task or {}).get("metadata", {})
+    spec = (task or {}).get("spec") or {}
+    status = (task or {}).get("status") or {}
+    first = lines[0] if lines else {}
+    header = {
+        "name": meta.get("name") or first.get("task", {}).get("name"),
+        "namespace": meta.get("namespace") or first.get("task", {}).get("namespace"),
+        "uid": meta.get("uid") or first.get("task", {}).get("uid"),
+        "agent": spec.get("agent") or first.get("agent"),
+        "intent": spec.get("intent") or first.get("intent"),
+        "podName": spec.get("podName") or first.get("podName"),
+        "phase": status.get("phase") or (lines[-1].get("phase") if lines else None),
+        "reason": status.get("reason") or (lines[-1].get("reason") if lines else None),
+    }
+    if task:
+        entries.append(
+            {
+                "time": meta.get("creationTimestamp"),
+                "source": "status",
+                "event": "requested",
+                "reason": None,
+                "message": _rules_text(spec.get("access") or []),
+                "ttl": spec.get("ttl"),
+            }
+        )
+        if status.get("grantedAt"):
+            entries.append(
+                {
+                    "time": status["grantedAt"],
+                    "source": "status",
+                    "event": "granted",
+                    "reason": "PolicyAllowed",
+                    "message": f"until {status.get('expiresAt')} by "
+                    f"{', '.join(status.get('policies') or [])}",
+                    "grants": status.get("grants") or [],
+                    "serviceAccount": status.get("serviceAccountName"),
+                }
+            )
+        if status.get("endedAt") and status.get("phase") not in (None, "Active", "Pending"):
+            entries.append(
+                {
+                    "time": status["endedAt"],
+                    "source": "status",
+                    "event": _event_name(status.get("reason", ""), status.get("phase")),
+                    "reason": status.get("reason"),
+                    "message": status.get("message"),
+                }
+            )
+    for ev in events:
+        entries.append(
+            {
+                "time": ev.get("lastTimestamp") or ev.get("eventTime") or ev.get("firstTimestamp"),
+                "source": "event",
+                "event": _event_name(
+                    ev.get("reason", ""), "Denied" if ev.get("type") == "Warning" else "Active"
+                ),
+                "reason": ev.get("reason"),
+                "message": ev.get("message"),
+            }
+        )
+    for line in lines:
+        entries.append(
+            {
+                "time": line.get("time"),
+                "source": "audit",
+                "event": line.get("event"),
+                "reason": line.get("reason"),
+                "message": line.get("message"),
+                "grantedRules": line.get("grantedRules") or None,
+                "policies": line.get("policies") or None,
+            }
+        )
+    rank = {"status": 0, "event": 1, "audit": 2}
+    entries.sort(key=lambda e: (_sortable(e["time"]), rank[e["source"]]))
+    return {
+        "task": header,
+        "timeline": [{k: v for k, v in e.items() if v is not None} for e in entries],
+    }
+
+
+def render_text(paths: Sequence[Mapping[str, Any]]) -> str:
+    out = []
+    for path in paths:
+        t = path["task"]
+        out.append(f"AgentTask {t['namespace']}/{t['name']}  (uid {t['uid']})")
+        out.append(
+            f"  agent:  {t['agent']}" + (f"   pod: {t['podName']}" if t.get("podName") else "")
+        )
+        out.append(f"  intent: {t['intent']}")
+        out.append(
+            f"  now:    {t['phase'] or 'unknown'}"
+            + (f" ({t['reason']})" if t.get("reason") else "")
+        )
+        for e in path["timeline"]:
+            reason = e.get("reason") or ""
+            out.append(
+                f"  {str(e.get('time') or '')[:19]:<19}  {e['event']:<9} {e['source']:<6} "
+                f"{reason:<17} {e.get('message') or ''}".rstrip()
+            )
+        out.append("")
+    return "\n".join(out)

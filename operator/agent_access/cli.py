@@ -85,7 +85,83 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra guardrail: never grant write verbs on this resource",
     )
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    audit = sub.add_parser(
+        "audit",
+        help="reconstruct an agent's path: requests, decisions, grants, revocations",
+        description="Timeline of one AgentTask, or of every task of one agent, from the "
+        "live cluster (status and Events) and, when given, an audit file. With --audit-file "
+        "a deleted task can still be reconstructed from its audit lines alone.",
+    )
+    audit.add_argument("task", nargs="?", help="AgentTask name (omit with --agent)")
+    audit.add_argument("-n", "--namespace", default="default", help="the tasks' namespace")
+    audit.add_argument("--agent", help="every task of this agent (ServiceAccount) instead")
+    audit.add_argument("--audit-file", help="audit lines written by `run --audit-file`")
+    audit.add_argument(
+        "--no-cluster", action="store_true", help="read only the audit file, not the cluster"
+    )
+    audit.add_argument("-o", "--output", choices=["text", "json"], default="text")
     return parser
+
+
+def audit_command(args: argparse.Namespace) -> int:
+    import json
+
+    from .audit import render_text, timeline
+
+    if not args.task and not args.agent:
+        print("audit: name a task, or --agent", file=sys.stderr)
+        return 2
+    lines = []
+    if args.audit_file:
+        with open(args.audit_file, encoding="utf-8") as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+    tasks: list[dict] = []
+    events: list[dict] = []
+    if not args.no_cluster:
+        from .kube import AGENT_TASKS, EVENTS, Kube
+
+        kube = Kube.from_environment(pool_size=2)
+        if args.task:
+            found = kube.get(AGENT_TASKS, args.namespace, args.task)
+            tasks = [found] if found else []
+        else:
+            tasks = [
+                t
+                for t in kube.list(AGENT_TASKS, args.namespace)
+                if (t.get("spec") or {}).get("agent") == args.agent
+            ]
+        events = kube.list(EVENTS, args.namespace)
+
+    def mine(line: dict) -> bool:
+        t = line.get("task") or {}
+        if t.get("namespace") != args.namespace:
+            return False
+        return t.get("name") == args.task if args.task else line.get("agent") == args.agent
+
+    lines = [line for line in lines if mine(line)]
+    uids = [t["metadata"]["uid"] for t in tasks]
+    for uid in dict.fromkeys(line["task"]["uid"] for line in lines):
+        if uid not in uids:
+            uids.append(uid)  # deleted from the cluster: the audit file still knows it
+    by_uid = {t["metadata"]["uid"]: t for t in tasks}
+    paths = [
+        timeline(
+            by_uid.get(uid),
+            [e for e in events if (e.get("involvedObject") or {}).get("uid") == uid],
+            [line for line in lines if line["task"]["uid"] == uid],
+        )
+        for uid in uids
+    ]
+    paths.sort(key=lambda p: (p["timeline"][0].get("time") or "") if p["timeline"] else "")
+    if not paths:
+        what = args.task or f"agent {args.agent}"
+        print(f"audit: nothing found for {what} in namespace {args.namespace}", file=sys.stderr)
+        return 1
+    if args.output == "json":
+        print(json.dumps({"tasks": paths}, indent=2))
+    else:
+        print(render_text(paths))
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -151,9 +227,17 @@ def _leader_elector(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .kube import ConfigError, KubeError
+
     args = build_parser().parse_args(argv)
-    if args.command == "run":
-        return run(args)
+    try:
+        if args.command == "run":
+            return run(args)
+        if args.command == "audit":
+            return audit_command(args)
+    except (ConfigError, KubeError) as exc:
+        print(f"agent-access-operator: {exc}", file=sys.stderr)
+        return 1
     return 2
 
 

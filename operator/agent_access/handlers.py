@@ -77,7 +77,7 @@ def start(settings: kopf.OperatorSettings, **_: Any) -> None:
         CONFIG.guardrails,
         workers=CONFIG.workers,
     )
-    _service.sweep_orphans()
+    _service.start()
     CONFIG.health.ready.set()
 
 
@@ -86,6 +86,12 @@ def stop(**_: Any) -> None:
     CONFIG.health.ready.clear()
     if _service is not None:
         _service.close()
+
+
+@kopf.on.event(GROUP, VERSION, TASKS)
+def task_seen(body: kopf.Body, **_: Any) -> None:
+    if _service is not None:
+        _service.seen(body)
 
 
 @kopf.on.create(GROUP, VERSION, TASKS)

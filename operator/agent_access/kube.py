@@ -43,6 +43,10 @@ class KubeError(Exception):
         return self.status in RETRYABLE or self.status == 0
 
 
+class ConfigError(Exception):
+    """Neither a kubeconfig nor an in-cluster service account could be loaded."""
+
+
 class NotFound(KubeError):
     pass
 
@@ -119,7 +123,12 @@ class Kube:
         try:
             kubernetes.config.load_incluster_config(client_configuration=config)
         except kubernetes.config.ConfigException:
-            kubernetes.config.load_kube_config(client_configuration=config)
+            try:
+                kubernetes.config.load_kube_config(client_configuration=config)
+            except (kubernetes.config.ConfigException, OSError) as exc:
+                raise ConfigError(
+                    f"no cluster to talk to: set KUBECONFIG or run in a pod ({exc})"
+                ) from None
         config.connection_pool_maxsize = pool_size
         return cls(kubernetes.client.ApiClient(config), **kwargs)
 

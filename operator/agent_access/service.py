@@ -102,6 +102,19 @@ def _requested(spec: TaskSpec) -> list[dict[str, Any]]:
     ]
 
 
+def _is_active(task: Mapping[str, Any]) -> bool:
+    return (task.get("status") or {}).get("phase") == Phase.ACTIVE.value and not task[
+        "metadata"
+    ].get("deletionTimestamp")
+
+
+def _expired(task: Mapping[str, Any], now: datetime) -> bool:
+    from .runtime import parse_time
+
+    expires = parse_time((task.get("status") or {}).get("expiresAt"))
+    return expires is not None and expires <= now
+
+
 def pod_facts(pod: Mapping[str, Any] | None) -> PodFacts | None:
     if not pod:
         return None
@@ -145,6 +158,8 @@ class Service:
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="grant-worker")
         self.deadlines = Deadlines(lambda uid: self.pool.submit(self.on_deadline, uid))
         self._retry: dict[str, tuple[Reason, str]] = {}
+        #: When the operator first received each not-yet-decided task (grant latency).
+        self._first_seen: dict[str, datetime] = {}
         self.ready = False
         metrics.bind_registry(self.registry, self.clock)
 
@@ -200,6 +215,12 @@ class Service:
         )
 
     # -- the main reconcile ------------------------------------------------------------
+
+    def seen(self, task: Mapping[str, Any]) -> None:
+        """Note when an undecided task was first received (its creationTimestamp has
+        whole-second precision, too coarse for latency)."""
+        if not (task.get("status") or {}).get("phase"):
+            self._first_seen.setdefault(task["metadata"]["uid"], self.clock())
 
     def reconcile(self, task: Mapping[str, Any]) -> None:
         """Create, resume or update of an AgentTask: bring it to a correct phase."""
@@ -277,6 +298,7 @@ class Service:
 
     def _deny(self, task: Mapping[str, Any], denied: Denied, spec: TaskSpec | None) -> None:
         now = self.clock()
+        self._first_seen.pop(task["metadata"]["uid"], None)
         self._write_status(task, st.denied(task, denied.reason, denied.message, now))
         self._event(task, "Warning", denied.reason, denied.message, "Deny")
         self.audit.write(
@@ -295,6 +317,7 @@ class Service:
 
     def _end_unissued(self, task: Mapping[str, Any], spec: TaskSpec, reason: Reason, msg: str):
         now = self.clock()
+        self._first_seen.pop(task["metadata"]["uid"], None)
         self._write_status(task, st.ended(task, reason, msg, now))
         self._event(task, "Normal", reason, msg, "Revoke")
         self.audit.write(
@@ -435,7 +458,7 @@ class Service:
                 now=now,
             )
         )
-        self.metrics.granted(plan.created_at, now)
+        self.metrics.granted(self._first_seen.pop(uid, None) or plan.created_at, now)
         # Something that may end grants happened while we were issuing: check now.
         if self.registry.generation != generation or spec.pod_name:
             live = self.registry.get(uid)
@@ -455,14 +478,19 @@ class Service:
 
     # -- revocation --------------------------------------------------------------------------
 
-    def delete_objects(self, grant: LiveGrant) -> None:
-        """Bindings first (requests fail with 403 at once), then the identity, then Roles."""
+    def delete_objects(self, grant: LiveGrant) -> datetime:
+        """Bindings first (requests fail with 403 at once), then the identity, then Roles.
+
+        Returns when the bindings were gone.
+        """
         for g in grant.grants:
             self.kube.delete(ROLE_BINDINGS, g.namespace, g.binding)
+        bindings_gone = self.clock()
         self.kube.delete(SERVICE_ACCOUNTS, grant.namespace, grant.service_account)
         self.kube.delete(SECRETS, grant.namespace, grant.secret)
         for g in grant.grants:
             self.kube.delete(ROLES, g.namespace, g.role)
+        return bindings_gone
 
     def revoke(
         self,
@@ -479,7 +507,7 @@ class Service:
             if self.registry.get(grant.uid) is None:
                 return False
             try:
-                self.delete_objects(grant)
+                bindings_gone = self.delete_objects(grant)
             except KubeError as exc:
                 log.error("revoking %s failed, retrying: %s", grant.ref, exc)
                 self._retry[grant.uid] = (reason, message)
@@ -489,7 +517,7 @@ class Service:
             self.deadlines.cancel(grant.uid)
             self._retry.pop(grant.uid, None)
         now = self.clock()
-        self.metrics.revoked(reason, (now - triggered_at).total_seconds())
+        self.metrics.revoked(reason, (bindings_gone - triggered_at).total_seconds())
         stub = _stub(grant, generation)
         if write_status:
             try:
@@ -621,13 +649,32 @@ class Service:
 
     # -- start-up ------------------------------------------------------------------------------
 
-    def sweep_orphans(self) -> int:
+    def start(self) -> None:
+        """Before watching: end grants that expired while the operator was down, at once,
+        and delete objects we created whose task is gone or no longer Active."""
+        tasks = self.kube.list(AGENT_TASKS)
+        now = self.clock()
+        for task in tasks:
+            grant = grant_from_task(task) if _is_active(task) else None
+            if grant and grant.expires_at and grant.expires_at <= now:
+                self.registry.add(grant)
+                self.revoke(
+                    grant,
+                    Reason.TTL_EXPIRED,
+                    "the TTL ran out while the operator was down",
+                    triggered_at=grant.expires_at,
+                )
+        self.sweep_orphans(tasks)
+
+    def sweep_orphans(self, tasks: list[dict[str, Any]] | None = None) -> int:
         """Delete objects we created whose task is gone or no longer Active."""
+        tasks = self.kube.list(AGENT_TASKS) if tasks is None else tasks
         live = {
             t["metadata"]["uid"]
-            for t in self.kube.list(AGENT_TASKS)
-            if (t.get("status") or {}).get("phase") == Phase.ACTIVE.value
-            and not t["metadata"].get("deletionTimestamp")
+            for t in tasks
+            if _is_active(t)
+            and self.registry.get(t["metadata"]["uid"]) is None
+            and not _expired(t, self.clock())
         }
         selector = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
         removed = 0

@@ -55,7 +55,14 @@ VALUE_SETS = {
         "guardrails.forbidResources={secrets}",
     ],
     "no-crds-no-le": ["--set", "crds.enabled=false", "--set", "leaderElection.enabled=false"],
-    "monitoring": ["--set", "metrics.serviceMonitor.enabled=true"],
+    "monitoring": [
+        "--set",
+        "metrics.serviceMonitor.enabled=true",
+        "--set",
+        "metrics.prometheusRule.enabled=true",
+        "--set",
+        "metrics.grafanaDashboard.enabled=true",
+    ],
 }
 
 
@@ -63,7 +70,7 @@ VALUE_SETS = {
 def test_renders_and_validates_strictly(name, tmp_path):
     text = render(*VALUE_SETS[name])
     out = tmp_path / "rendered.yaml"
-    builtin = [d for d in docs(text) if d["kind"] not in ("ServiceMonitor",)]
+    builtin = [d for d in docs(text) if d["kind"] not in ("ServiceMonitor", "PrometheusRule")]
     out.write_text(yaml.safe_dump_all(builtin))
     result = subprocess.run(
         [
@@ -203,3 +210,33 @@ def test_examples_fit_the_crds(path):
 def test_chart_crds_are_the_generated_ones():
     for path in (ROOT / "crds").glob("*.yaml"):
         assert (CHART / "files" / "crds" / path.name).read_text() == path.read_text()
+
+
+def test_monitoring_extras_render():
+    rendered = docs(
+        render(
+            "--set",
+            "metrics.prometheusRule.enabled=true",
+            "--set",
+            "metrics.grafanaDashboard.enabled=true",
+        )
+    )
+    rule = next(d for d in rendered if d["kind"] == "PrometheusRule")
+    alerts = {r["alert"] for g in rule["spec"]["groups"] for r in g["rules"]}
+    assert {
+        "AgentAccessOverdueGrants",
+        "AgentAccessSlowRevocation",
+        "AgentAccessIssueFailures",
+    } <= alerts
+    dashboard = next(d for d in rendered if d["kind"] == "ConfigMap")
+    import json
+
+    panels = json.loads(dashboard["data"]["agent-access-operator.json"])["panels"]
+    exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
+    for metric in (
+        "agentaccess_overdue_grants",
+        "agentaccess_revocation_latency_seconds_bucket",
+        "agentaccess_grant_latency_seconds_bucket",
+        "agentaccess_active_grants",
+    ):
+        assert metric in exprs

@@ -39,7 +39,8 @@ def test_sigkill_expiry_and_orphans(world, operator):
         operator.start()
     poll_status(lambda: list_pods_status(clients["short"], target), {401, 403}, 10)
     record_timing("restart: expired while down -> 403 (incl. start-up)", time.monotonic() - started)
-    assert time.monotonic() - started < 2.0  # measured from the restart, process start included
+    # measured from spawning the process: ~1 s of it is the interpreter importing kopf
+    assert time.monotonic() - started < 2.0
     assert world.wait_phase(agents, names["short"], "Expired")["status"]["reason"] == "TTLExpired"
     assert world.task_objects(tasks["short"]) == []
     assert world.task_objects(tasks["orphan"]) == []
