@@ -247,6 +247,30 @@ def write_kubeconfig(state: dict) -> None:
     KUBECONFIG.chmod(0o600)
 
 
+def stop_apiserver(state: dict) -> None:
+    """Stop kube-apiserver only (etcd keeps the data): for outage tests."""
+    pid = state["pids"]["kube-apiserver"]
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGKILL)
+    end = time.monotonic() + 10
+    while alive(pid) and time.monotonic() < end:
+        time.sleep(0.05)
+
+
+def start_apiserver(state: dict) -> None:
+    """Start kube-apiserver again with the same arguments and port; wait until ready."""
+    d = Path(state["dir"])
+    state["pids"]["kube-apiserver"] = start_process(
+        state["commands"]["kube-apiserver"], d / "kube-apiserver.log"
+    )
+    STATE_FILE.write_text(json.dumps(state))
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not ready(state):
+        if time.monotonic() > deadline:
+            raise TimeoutError("kube-apiserver did not come back")
+        time.sleep(0.1)
+
+
 def start_process(args: list[str], logfile: Path) -> int:
     with open(logfile, "ab") as out:
         proc = subprocess.Popen(
@@ -313,29 +337,30 @@ def up() -> dict:
     )
     STATE_FILE.write_text(json.dumps(state))
     wait_etcd(etcd_url, deadline)
+    state["commands"] = {}
+    state["commands"]["kube-apiserver"] = [
+        apiserver,
+        f"--etcd-servers={etcd_url}",
+        "--bind-address=127.0.0.1",
+        "--advertise-address=127.0.0.1",
+        f"--secure-port={api_port}",
+        f"--tls-cert-file={pki['apiserver.crt']}",
+        f"--tls-private-key-file={pki['apiserver.key']}",
+        f"--client-ca-file={pki['ca.crt']}",
+        "--authorization-mode=RBAC",
+        "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+        f"--service-account-key-file={pki['sa.key']}",
+        f"--service-account-signing-key-file={pki['sa.key']}",
+        "--service-cluster-ip-range=10.0.0.0/24",
+        "--allow-privileged=true",
+        "--disable-admission-plugins=ServiceAccount",
+        "--endpoint-reconciler-type=none",
+        "--profiling=false",
+        f"--cert-dir={d / 'certs'}",
+        "--v=1",
+    ]
     state["pids"]["kube-apiserver"] = start_process(
-        [
-            apiserver,
-            f"--etcd-servers={etcd_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
-            f"--secure-port={api_port}",
-            f"--tls-cert-file={pki['apiserver.crt']}",
-            f"--tls-private-key-file={pki['apiserver.key']}",
-            f"--client-ca-file={pki['ca.crt']}",
-            "--authorization-mode=RBAC",
-            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
-            f"--service-account-key-file={pki['sa.key']}",
-            f"--service-account-signing-key-file={pki['sa.key']}",
-            "--service-cluster-ip-range=10.0.0.0/24",
-            "--allow-privileged=true",
-            "--disable-admission-plugins=ServiceAccount",
-            "--endpoint-reconciler-type=none",
-            "--profiling=false",
-            f"--cert-dir={d / 'certs'}",
-            "--v=1",
-        ],
-        d / "kube-apiserver.log",
+        state["commands"]["kube-apiserver"], d / "kube-apiserver.log"
     )
     STATE_FILE.write_text(json.dumps(state))
     while time.monotonic() < deadline:

@@ -94,6 +94,16 @@ CLUSTER_ACCESS_POLICIES = Resource(f"/apis/{GROUP}/{VERSION}", CLUSTER_POLICIES,
 RequestObserver = Callable[[str, str, int, float], None]
 
 
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    for key, value in headers.items():
+        if key.lower() == "retry-after":
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None
+
+
 def _reason(body: bytes | str | None, fallback: str) -> str:
     try:
         data = json.loads(body or b"")
@@ -150,7 +160,7 @@ class Kube:
         while True:
             attempt += 1
             started = time.monotonic()
-            status, text = 0, ""
+            status, text, response_headers = 0, "", {}
             try:
                 method, url, hdrs, data, post = self.api.param_serialize(
                     method=verb,
@@ -164,6 +174,7 @@ class Kube:
                     method, url, hdrs, data, post, _request_timeout=timeout
                 )
                 status = response.status
+                response_headers = dict(getattr(response, "headers", None) or {})
                 raw = response.read() if hasattr(response, "read") else response.data
                 text = raw.decode() if isinstance(raw, bytes) else (raw or "")
             except (urllib3.exceptions.HTTPError, OSError) as exc:
@@ -174,7 +185,11 @@ class Kube:
                 return json.loads(text) if text else {}
             reason = _reason(text, text if status == 0 else f"HTTP {status}")
             if (status in RETRYABLE or status == 0) and attempt <= self.retries:
-                delay = min(2.0, 0.05 * 2 ** (attempt - 1)) * (0.5 + random.random())
+                # short, jittered: a revocation waiting on an outage resumes soon after
+                delay = min(0.5, 0.05 * 2 ** (attempt - 1)) * (0.5 + random.random())
+                retry_after = _retry_after(response_headers)
+                if status == 429 and retry_after is not None:
+                    delay = min(retry_after, 5.0)
                 log.debug("retrying %s %s after %s (attempt %d)", verb, path, status, attempt)
                 time.sleep(delay)
                 continue

@@ -31,6 +31,7 @@ from .engine import (
     parse_task_spec,
     reevaluate,
 )
+from .faults import checkpoint
 from .kube import (
     ACCESS_POLICIES,
     AGENT_TASKS,
@@ -62,7 +63,7 @@ from .runtime import Deadlines, LiveGrant, NamespaceGrant, Registry, grant_from_
 log = logging.getLogger(__name__)
 
 TERMINAL = {p.value for p in Phase if p.terminal}
-RETRY_DELAY = timedelta(seconds=2)
+RETRY_DELAY = timedelta(milliseconds=500)
 
 
 def _utcnow() -> datetime:
@@ -350,21 +351,25 @@ class Service:
         self._create_afresh(
             SERVICE_ACCOUNTS, ns, objects.service_account(task, plan.service_account, owners)
         )
+        checkpoint("issue:serviceaccount")
         for g in plan.grants:
             self._create_afresh(
                 ROLES, g.namespace, objects.role(task, g.namespace, g.role, g.rules)
             )
+            checkpoint("issue:role")
             self._create_afresh(
                 ROLE_BINDINGS,
                 g.namespace,
                 objects.role_binding(task, g.namespace, g.binding, ns, plan.service_account),
             )
+            checkpoint("issue:rolebinding")
         expires = st.rfc3339(decision.expires_at)
         secret = self._create_afresh(
             SECRETS,
             ns,
             objects.token_secret(task, plan.secret, owners, plan.service_account, expires),
         )
+        checkpoint("issue:secret")
         token, _ = self.kube.request_token(
             ns,
             plan.service_account,
@@ -380,6 +385,7 @@ class Service:
         encoded = base64.b64encode(token.encode()).decode()
         del token
         self.kube.merge_patch(SECRETS, ns, plan.secret, {"data": {"token": encoded}})
+        checkpoint("issue:token")
 
     def _grant(
         self,
@@ -427,18 +433,8 @@ class Service:
         )
         if plan.pod_uid:
             new_status["podUID"] = plan.pod_uid
-        try:
-            self._write_status(task, new_status)
-        except KubeError as exc:
-            # The task went away or cannot record its grant: take everything back.
-            log.warning("recording the grant of %s failed (%s); revoking", plan.ref, exc)
-            self.registry.remove(uid)
-            self.deadlines.cancel(uid)
-            self.delete_objects(plan)
-            if not isinstance(exc, NotFound):
-                raise
-            return
-        self._event(task, "Normal", Reason.POLICY_ALLOWED, message, "Grant")
+        # The audit line goes first (write-ahead): a token exists now. A crash from here
+        # on can repeat the line, never lose it.
         self.audit.write(
             audit.record(
                 "granted",
@@ -458,6 +454,19 @@ class Service:
                 now=now,
             )
         )
+        try:
+            self._write_status(task, new_status)
+        except KubeError as exc:
+            # The task went away or cannot record its grant: take everything back.
+            log.warning("recording the grant of %s failed (%s); revoking", plan.ref, exc)
+            self.revoke(
+                plan, Reason.ISSUE_FAILED, f"could not record the grant: {exc}", write_status=False
+            )
+            if not isinstance(exc, NotFound):
+                raise
+            return
+        checkpoint("issue:status")
+        self._event(task, "Normal", Reason.POLICY_ALLOWED, message, "Grant")
         self.metrics.granted(self._first_seen.pop(uid, None) or plan.created_at, now)
         # Something that may end grants happened while we were issuing: check now.
         if self.registry.generation != generation or spec.pod_name:
@@ -486,10 +495,14 @@ class Service:
         for g in grant.grants:
             self.kube.delete(ROLE_BINDINGS, g.namespace, g.binding)
         bindings_gone = self.clock()
+        checkpoint("revoke:rolebindings")
         self.kube.delete(SERVICE_ACCOUNTS, grant.namespace, grant.service_account)
+        checkpoint("revoke:serviceaccount")
         self.kube.delete(SECRETS, grant.namespace, grant.secret)
+        checkpoint("revoke:secret")
         for g in grant.grants:
             self.kube.delete(ROLES, g.namespace, g.role)
+        checkpoint("revoke:roles")
         return bindings_gone
 
     def revoke(
@@ -509,7 +522,7 @@ class Service:
             try:
                 bindings_gone = self.delete_objects(grant)
             except KubeError as exc:
-                log.error("revoking %s failed, retrying: %s", grant.ref, exc)
+                log.error("revoking %s failed, retrying: %s", grant.ref, exc)  # every 0.5 s
                 self._retry[grant.uid] = (reason, message)
                 self.deadlines.schedule(grant.uid, self.clock() + RETRY_DELAY)
                 return False
@@ -519,14 +532,6 @@ class Service:
         now = self.clock()
         self.metrics.revoked(reason, (bindings_gone - triggered_at).total_seconds())
         stub = _stub(grant, generation)
-        if write_status:
-            try:
-                self._write_status(stub, st.ended(stub, reason, message, now))
-            except NotFound:
-                pass
-            except KubeError as exc:
-                log.warning("could not record the end of %s: %s", grant.ref, exc)
-        self._event(stub, "Normal", reason, message, "Revoke")
         self.audit.write(
             audit.record(
                 "expired" if reason == Reason.TTL_EXPIRED else "revoked",
@@ -545,6 +550,15 @@ class Service:
                 now=now,
             )
         )
+        if write_status:
+            try:
+                self._write_status(stub, st.ended(stub, reason, message, now))
+            except NotFound:
+                pass
+            except KubeError as exc:
+                log.warning("could not record the end of %s: %s", grant.ref, exc)
+            checkpoint("revoke:status")
+        self._event(stub, "Normal", reason, message, "Revoke")
         self.registry.forget_lock(grant.uid)
         return True
 

@@ -81,3 +81,25 @@ def operator(kubeconfig, crds, tmp_path_factory):
 @pytest.fixture
 def world(kubeconfig):
     return World(admin(kubeconfig), kubeconfig)
+
+
+@pytest.fixture
+def solo(operator, kubeconfig, tmp_path):
+    """Stop the shared operator; hand out operators of our own; restore it after.
+
+    solo(env=..., kubeconfig=..., args=[...]) starts one and returns it.
+    """
+    operator.stop()
+    started: list[OperatorProcess] = []
+
+    def start(env=None, config=None, args=None, wait=30) -> OperatorProcess:
+        proc = OperatorProcess(config or kubeconfig, tmp_path, env=env)
+        proc.runs = len(started) * 10  # distinct log files
+        proc.start(args, wait=wait)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.kill()
+    operator.start()
