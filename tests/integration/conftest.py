@@ -93,8 +93,9 @@ def solo(operator, kubeconfig, tmp_path):
     started: list[OperatorProcess] = []
 
     def start(env=None, config=None, args=None, wait=30) -> OperatorProcess:
-        proc = OperatorProcess(config or kubeconfig, tmp_path, env=env)
-        proc.runs = len(started) * 10  # distinct log files
+        workdir = tmp_path / f"operator-{len(started)}"
+        workdir.mkdir()
+        proc = OperatorProcess(config or kubeconfig, workdir, env=env)
         proc.start(args, wait=wait)
         started.append(proc)
         return proc
