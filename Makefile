@@ -13,7 +13,7 @@ IMAGE       ?= ghcr.io/agent-access/agent-access-operator:0.1.0
 K8S_VERSION ?= 1.37.2
 
 .PHONY: help install binaries controlplane-up controlplane-down crds manifests lint test \
-        test-unit test-chart test-integration e2e soak demo run image clean
+        test-unit test-chart test-integration e2e bench bench-quick soak demo run image clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-20s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -67,6 +67,12 @@ demo: controlplane-up ## Run the operator on the local control plane with the ex
 run: controlplane-up ## Run the operator in the foreground against the local control plane
 	KUBECONFIG=$(KUBECONFIG_LOCAL) $(KUBECTL) apply -f crds/
 	KUBECONFIG=$(KUBECONFIG_LOCAL) $(VENV)/bin/agent-access-operator run
+
+bench: install binaries ## Benchmarks (full): grant/revoke latency vs the raw-API floor, 1,000-task scale
+	$(PY) bench/bench.py
+
+bench-quick: install binaries ## Benchmarks, quick mode (about two minutes, no scale run)
+	$(PY) bench/bench.py --quick
 
 soak: install binaries ## Soak: tasks created, used and ended for SOAK_SECONDS (default 600)
 	$(PY) bench/soak.py

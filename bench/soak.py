@@ -27,6 +27,7 @@ from tests.integration.cluster import (  # noqa: E402
     OperatorProcess,
     World,
     admin,
+    apply_crds,
     as_token,
     list_pods_status,
 )
@@ -59,27 +60,12 @@ def gauge(text: str, name: str) -> float:
 
 def main() -> int:
     seconds = float(os.environ.get("SOAK_SECONDS", "600"))
-    state = Path(tempfile.mkdtemp(prefix="aao-soak-"))
-    controlplane.STATE_DIR, controlplane.KUBECONFIG = state, state / "kubeconfig"
-    controlplane.STATE_FILE = state / "state.json"
-    controlplane.up()
-    kubeconfig = str(controlplane.KUBECONFIG)
-    import subprocess
+    with controlplane.temporary("aao-soak-") as kubeconfig:
+        return soak(kubeconfig, seconds)
 
-    kubectl = Path(sys.executable).with_name("kubectl")
-    env = dict(os.environ, KUBECONFIG=kubeconfig)
-    subprocess.run(
-        [str(kubectl), "apply", "-f", str(ROOT / "crds")],
-        check=True,
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
-    subprocess.run(
-        [str(kubectl), "wait", "--for", "condition=established", "crd", "--all"],
-        check=True,
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
+
+def soak(kubeconfig: str, seconds: float) -> int:
+    apply_crds(kubeconfig)
     work = Path(tempfile.mkdtemp(prefix="aao-soak-op-"))
     op = OperatorProcess(kubeconfig, work)
     op.start()
@@ -95,7 +81,15 @@ def main() -> int:
 
     def sampler() -> None:
         while not stop.is_set():
-            text = op.metrics()
+            if op.proc.poll() is not None:
+                failures.append(f"the operator exited with {op.proc.returncode}")
+                return
+            try:
+                text = op.metrics()
+            except OSError as exc:
+                failures.append(f"metrics unreachable: {exc}")
+                stop.wait(10)
+                continue
             samples.append(
                 {
                     "t": round(time.monotonic() - started, 1),
@@ -191,7 +185,6 @@ def main() -> int:
     out = ROOT / "bench" / "results" / "soak.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     op.stop()
-    controlplane.down(quiet=True)
     summary = {k: v for k, v in result.items() if k != "samples"}
     print(json.dumps(summary, indent=2))
     flat = result["rss_mb_after_warmup_max"] <= result["rss_mb_after_warmup_min"] * 1.2 + 10

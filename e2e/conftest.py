@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -41,15 +40,8 @@ def kubeconfig():
     if given:
         yield given
         return
-    state = tempfile.mkdtemp(prefix="aao-e2e-cp-")
-    controlplane.STATE_DIR = Path(state)
-    controlplane.KUBECONFIG = Path(state) / "kubeconfig"
-    controlplane.STATE_FILE = Path(state) / "state.json"
-    controlplane.up()
-    try:
-        yield str(controlplane.KUBECONFIG)
-    finally:
-        controlplane.down(quiet=True)
+    with controlplane.temporary("aao-e2e-cp-") as path:
+        yield path
 
 
 def helm(kubeconfig: str, *args: str) -> str:

@@ -402,6 +402,24 @@ def down(quiet: bool = False) -> None:
         log("down")
 
 
+@contextlib.contextmanager
+def temporary(prefix: str = "aao-cp-"):  # type: ignore[no-untyped-def]
+    """A control plane of its own, state in a temporary directory; yields its kubeconfig.
+
+    For test sessions, benchmarks and the soak, so they never touch .controlplane/.
+    """
+    global STATE_DIR, KUBECONFIG, STATE_FILE
+    saved = STATE_DIR, KUBECONFIG, STATE_FILE
+    state = Path(tempfile.mkdtemp(prefix=prefix))
+    STATE_DIR, KUBECONFIG, STATE_FILE = state, state / "kubeconfig", state / "state.json"
+    try:
+        up()
+        yield str(KUBECONFIG)
+    finally:
+        down(quiet=True)
+        STATE_DIR, KUBECONFIG, STATE_FILE = saved
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["up", "down", "status"])

@@ -46,9 +46,6 @@ class Phase(StrEnum):
 
 
 class Reason(StrEnum):
-    # Pending
-    EVALUATING = "Evaluating"
-    ISSUE_RETRYING = "IssueRetrying"
     # Active
     POLICY_ALLOWED = "PolicyAllowed"
     # Denied

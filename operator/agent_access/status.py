@@ -56,16 +56,6 @@ def _base(task: Mapping[str, Any]) -> tuple[dict[str, Any], int | None]:
     return status, task.get("metadata", {}).get("generation")
 
 
-def pending(task: Mapping[str, Any], reason: Reason, message: str, now: datetime) -> dict:
-    status, generation = _base(task)
-    status.update(phase=Phase.PENDING.value, reason=reason.value, message=message)
-    status["observedGeneration"] = generation
-    status["conditions"] = set_condition(
-        status.get("conditions"), False, reason.value, message, generation, now
-    )
-    return status
-
-
 def denied(task: Mapping[str, Any], reason: Reason, message: str, now: datetime) -> dict:
     status, generation = _base(task)
     status.update(

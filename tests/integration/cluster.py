@@ -36,6 +36,24 @@ ROOT = Path(__file__).resolve().parents[2]
 SEEN_TOKENS: list[str] = []
 
 
+def apply_crds(kubeconfig: str) -> None:
+    """kubectl apply -f crds/ and wait until they are established."""
+    kubectl = Path(sys.executable).with_name("kubectl")
+    env = dict(os.environ, KUBECONFIG=kubeconfig)
+    subprocess.run(
+        [str(kubectl), "apply", "-f", str(ROOT / "crds")],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    subprocess.run(
+        [str(kubectl), "wait", "--for", "condition=established", "crd", "--all", "--timeout=60s"],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+
+
 def admin(kubeconfig: str) -> Kube:
     config = kubernetes.client.Configuration()
     kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=config)

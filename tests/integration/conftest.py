@@ -7,14 +7,12 @@ one is started for the session (state in a temporary directory) and stopped afte
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from .cluster import FACTS, ROOT, OperatorProcess, World, admin
+from .cluster import FACTS, ROOT, OperatorProcess, World, admin, apply_crds
 
 sys.path.insert(0, str(ROOT / "hack"))
 import controlplane
@@ -34,15 +32,8 @@ def kubeconfig():
     if existing and Path(existing).exists() and _answers(existing):
         yield existing
         return
-    state = tempfile.mkdtemp(prefix="aao-test-cp-")
-    controlplane.STATE_DIR = Path(state)
-    controlplane.KUBECONFIG = Path(state) / "kubeconfig"
-    controlplane.STATE_FILE = Path(state) / "state.json"
-    controlplane.up()
-    try:
-        yield str(controlplane.KUBECONFIG)
-    finally:
-        controlplane.down(quiet=True)
+    with controlplane.temporary("aao-test-cp-") as path:
+        yield path
 
 
 @pytest.fixture(scope="session")
@@ -54,20 +45,7 @@ def server_version(kubeconfig):
 
 @pytest.fixture(scope="session")
 def crds(kubeconfig, server_version):
-    kubectl = Path(sys.executable).with_name("kubectl")
-    env = dict(os.environ, KUBECONFIG=kubeconfig)
-    subprocess.run(
-        [str(kubectl), "apply", "-f", str(ROOT / "crds")],
-        check=True,
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
-    subprocess.run(
-        [str(kubectl), "wait", "--for", "condition=established", "crd", "--all", "--timeout=30s"],
-        check=True,
-        env=env,
-        stdout=subprocess.DEVNULL,
-    )
+    apply_crds(kubeconfig)
 
 
 @pytest.fixture(scope="session")
