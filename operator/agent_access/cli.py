@@ -37,6 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="watch only these namespaces (repeatable or comma-separated); default: all namespaces",
     )
     run.add_argument(
+        "--watch-workers",
+        type=int,
+        default=64,
+        help="objects of one kind worked on at once (default 64): bounds memory in bursts",
+    )
+    run.add_argument(
         "--leader-elect",
         action="store_true",
         help="run several replicas safely: only the holder of a Lease acts",
@@ -173,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
 
     handlers.CONFIG.audit_file = args.audit_file
     handlers.CONFIG.workers = args.workers
+    handlers.CONFIG.watch_workers = args.watch_workers
     handlers.CONFIG.guardrails = DEFAULT_GUARDRAILS.extended(
         verbs=_split(args.forbid_verb),
         resources=_split(args.forbid_resource),
