@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import sys
 import tempfile
@@ -537,4 +538,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM (e.g. from `timeout`) exits normally, so the control plane is torn down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())

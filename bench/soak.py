@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import sys
 import tempfile
 import threading
@@ -194,4 +195,6 @@ def soak(kubeconfig: str, seconds: float) -> int:
 
 
 if __name__ == "__main__":
+    # SIGTERM (e.g. from `timeout`) exits normally, so the control plane is torn down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sys.exit(main())

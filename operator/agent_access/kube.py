@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -124,7 +123,6 @@ class Kube:
         self.api = api_client
         self.retries = retries
         self.observer = observer
-        self._lock = threading.Lock()
 
     @classmethod
     def from_environment(cls, pool_size: int = 32, **kwargs: Any) -> Kube:
