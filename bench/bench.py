@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import signal
 import statistics
 import sys
@@ -94,7 +95,8 @@ class Bench:
         self._controlplane = controlplane.temporary("aao-bench-")
         self.kubeconfig = self._controlplane.__enter__()
         apply_crds(self.kubeconfig)
-        self.op = OperatorProcess(self.kubeconfig, Path(tempfile.mkdtemp(prefix="aao-bench-op-")))
+        self._opdir = Path(tempfile.mkdtemp(prefix="aao-bench-op-"))
+        self.op = OperatorProcess(self.kubeconfig, self._opdir)
         self.op.start()
         self.world = World(admin(self.kubeconfig), self.kubeconfig)
         self.kube: Kube = self.world.kube
@@ -107,6 +109,7 @@ class Bench:
     def close(self) -> None:
         self.op.stop()
         self._controlplane.__exit__(None, None, None)
+        shutil.rmtree(self._opdir, ignore_errors=True)
 
     def name(self, prefix: str) -> str:
         self.seq += 1

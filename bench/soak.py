@@ -190,7 +190,10 @@ def soak(kubeconfig: str, seconds: float) -> int:
     print(json.dumps(summary, indent=2))
     flat = result["rss_mb_after_warmup_max"] <= result["rss_mb_after_warmup_min"] * 1.2 + 10
     ok = not failures and orphans == 0 and result["overdue_max"] == 0 and flat
-    print(f"soak: {'PASS' if ok else 'FAIL'} (memory {'flat' if flat else 'GROWING'})")
+    print(
+        f"soak: {'PASS' if ok else 'FAIL'} (memory {'flat' if flat else 'GROWING'}); "
+        f"operator logs and audit lines in {work}"
+    )
     return 0 if ok else 1
 
 
