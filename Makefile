@@ -71,7 +71,7 @@ run: controlplane-up ## Run the operator in the foreground against the local con
 bench: install binaries ## Benchmarks (full): grant/revoke latency vs the raw-API floor, 1,000-task scale
 	$(PY) bench/bench.py
 
-bench-quick: install binaries ## Benchmarks, quick mode (about two minutes, no scale run)
+bench-quick: install binaries ## Benchmarks, quick mode (under a minute, no scale run)
 	$(PY) bench/bench.py --quick
 
 soak: install binaries ## Soak: tasks created, used and ended for SOAK_SECONDS (default 600)
