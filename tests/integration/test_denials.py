@@ -7,7 +7,7 @@ import pytest
 
 from agent_access.kube import KubeError
 
-from .cluster import unique
+from .cluster import unique, wait_for
 
 WIDE_POLICY = [
     # A careless policy: the guardrails must hold whatever it says.
@@ -37,8 +37,15 @@ def deny(world, agents, access, agent="bot", **spec):
     assert not st.get("serviceAccountName") and not st.get("tokenSecretName")
     cond = {c["type"]: c for c in st["conditions"]}["Granted"]
     assert cond["status"] == "False" and cond["reason"] == st["reason"]
-    events = world.events(agents, name)
-    assert any(e["reason"] == st["reason"] and e["type"] == "Warning" for e in events)
+    # the Event follows the status write by a few milliseconds
+    wait_for(
+        lambda: any(
+            e["reason"] == st["reason"] and e["type"] == "Warning"
+            for e in world.events(agents, name)
+        ),
+        5,
+        what="the denial Event",
+    )
     return st
 
 
