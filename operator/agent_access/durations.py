@@ -43,15 +43,3 @@ def parse_duration(text: str) -> timedelta:
     if total <= 0:
         raise DurationError(f"duration {text!r} must be positive")
     return timedelta(seconds=total)
-
-
-def format_duration(value: timedelta) -> str:
-    """Render a timedelta the way Go prints durations, to whole seconds (e.g. 1h5m0s)."""
-    seconds = int(value.total_seconds())
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes}m{secs}s"
-    if minutes:
-        return f"{minutes}m{secs}s"
-    return f"{secs}s"

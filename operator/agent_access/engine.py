@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .durations import DurationError, parse_duration
-from .model import CLUSTER_POLICIES, DEFAULT_MAX_TTL, DEFAULT_TTL, Reason
+from .model import DEFAULT_MAX_TTL, DEFAULT_TTL, Reason
 from .rules import DEFAULT_GUARDRAILS, Guardrails, Rule, parse_rules, rule_covers
 
 # ---------------------------------------------------------------------------
@@ -131,9 +131,7 @@ def parse_policy(body: Mapping[str, Any]) -> Policy:
     """Turn a policy object into a Policy; raise SpecError if it is unusable."""
     meta = body.get("metadata", {})
     spec = body.get("spec") or {}
-    cluster = body.get("kind") == "ClusterAccessPolicy" or (
-        CLUSTER_POLICIES in str(body.get("__resource__", ""))
-    )
+    cluster = body.get("kind") == "ClusterAccessPolicy"
     try:
         max_ttl = parse_duration(spec.get("maxTTL") or DEFAULT_MAX_TTL)
     except DurationError as exc:

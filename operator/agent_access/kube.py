@@ -150,11 +150,11 @@ class Kube:
         query: Iterable[tuple[str, str]] = (),
         content_type: str = "application/json",
         timeout: float = 30,
+        resource: str = "other",
     ) -> dict[str, Any]:
+        """One API call. `resource` labels the metrics (a plural, never an object name)."""
         headers = {"Accept": "application/json", "Content-Type": content_type}
         attempt = 0
-        resource = path.rsplit("/namespaces/", 1)[-1].split("/")
-        plural = resource[1] if len(resource) > 1 and "/namespaces/" in path else resource[-1]
         while True:
             attempt += 1
             started = time.monotonic()
@@ -178,7 +178,7 @@ class Kube:
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 status, text = 0, f"connection error: {type(exc).__name__}"
             if self.observer:
-                self.observer(verb, plural, status, time.monotonic() - started)
+                self.observer(verb, resource, status, time.monotonic() - started)
             if 200 <= status < 300:
                 return json.loads(text) if text else {}
             reason = _reason(text, text if status == 0 else f"HTTP {status}")
@@ -196,7 +196,7 @@ class Kube:
 
     def get(self, res: Resource, namespace: str | None, name: str) -> dict[str, Any] | None:
         try:
-            return self.request("GET", res.path(namespace, name))
+            return self.request("GET", res.path(namespace, name), resource=res.plural)
         except NotFound:
             return None
 
@@ -204,10 +204,13 @@ class Kube:
         self, res: Resource, namespace: str | None = None, label_selector: str = ""
     ) -> list[dict[str, Any]]:
         query = [("labelSelector", label_selector)] if label_selector else []
-        return self.request("GET", res.path(namespace), query=query).get("items") or []
+        return (
+            self.request("GET", res.path(namespace), query=query, resource=res.plural).get("items")
+            or []
+        )
 
     def create(self, res: Resource, namespace: str | None, body: Mapping[str, Any]) -> dict:
-        return self.request("POST", res.path(namespace), body=body)
+        return self.request("POST", res.path(namespace), body=body, resource=res.plural)
 
     def delete(self, res: Resource, namespace: str | None, name: str) -> bool:
         """Delete; True if something was deleted, False if it was already gone."""
@@ -220,6 +223,7 @@ class Kube:
                     "apiVersion": "v1",
                     "propagationPolicy": "Background",
                 },
+                resource=res.plural,
             )
             return True
         except NotFound:
@@ -238,6 +242,7 @@ class Kube:
             res.path(namespace, name, sub),
             body=patch,
             content_type="application/merge-patch+json",
+            resource=f"{res.plural}/{sub}" if sub else res.plural,
         )
 
     # -- domain helpers ----------------------------------------------------------
@@ -258,7 +263,10 @@ class Kube:
             spec["boundObjectRef"] = dict(bound)
         body = {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": spec}
         result = self.request(
-            "POST", SERVICE_ACCOUNTS.path(namespace, service_account, "token"), body=body
+            "POST",
+            SERVICE_ACCOUNTS.path(namespace, service_account, "token"),
+            body=body,
+            resource="serviceaccounts/token",
         )
         status = result.get("status") or {}
         return status["token"], status.get("expirationTimestamp", "")

@@ -108,7 +108,9 @@ class LeaderElector:
                 self.kube.create(LEASES, self.namespace, body)
             else:  # optimistic concurrency: only one contender's write wins
                 body["metadata"]["resourceVersion"] = lease["metadata"]["resourceVersion"]
-                self.kube.request("PUT", LEASES.path(self.namespace, self.name), body=body)
+                self.kube.request(
+                    "PUT", LEASES.path(self.namespace, self.name), body=body, resource="leases"
+                )
         except Conflict:
             return False
         return True
@@ -155,6 +157,8 @@ class LeaderElector:
             lease = self.kube.get(LEASES, self.namespace, self.name)
             if lease and (lease.get("spec") or {}).get("holderIdentity") == self.identity:
                 lease["spec"]["holderIdentity"] = ""
-                self.kube.request("PUT", LEASES.path(self.namespace, self.name), body=lease)
+                self.kube.request(
+                    "PUT", LEASES.path(self.namespace, self.name), body=lease, resource="leases"
+                )
         except KubeError as exc:
             log.warning("leader election: release failed: %s", exc)

@@ -103,6 +103,15 @@ def _requested(spec: TaskSpec) -> list[dict[str, Any]]:
     ]
 
 
+def _namespace_labels(items: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, str]]:
+    """{name: labels} of the namespaces that exist (one being deleted does not)."""
+    return {
+        ns["metadata"]["name"]: ns["metadata"].get("labels") or {}
+        for ns in items
+        if not ns["metadata"].get("deletionTimestamp")
+    }
+
+
 def _is_active(task: Mapping[str, Any]) -> bool:
     return (task.get("status") or {}).get("phase") == Phase.ACTIVE.value and not task[
         "metadata"
@@ -199,11 +208,7 @@ class Service:
             items = self.kube.list(NAMESPACES)
         else:
             items = [ns for n in names if (ns := self.kube.get(NAMESPACES, None, n))]
-        return {
-            ns["metadata"]["name"]: ns["metadata"].get("labels") or {}
-            for ns in items
-            if not ns["metadata"].get("deletionTimestamp")
-        }
+        return _namespace_labels(items)
 
     def gather_world(self, spec: TaskSpec) -> World:
         """Read every fact the decision needs, concurrently (one round trip, not five)."""
@@ -214,16 +219,11 @@ class Service:
         cluster = submit(self.kube.list, CLUSTER_ACCESS_POLICIES)
         agent = submit(self.kube.get, SERVICE_ACCOUNTS, spec.namespace, spec.agent)
         pod = submit(self.kube.get, PODS, spec.namespace, spec.pod_name) if spec.pod_name else None
-        existing = {
-            ns["metadata"]["name"]: ns["metadata"].get("labels") or {}
-            for f in namespaces
-            if (ns := f.result()) and not ns["metadata"].get("deletionTimestamp")
-        }
         return World(
             policies=self._parse_policies(
                 [p for f in policies for p in f.result()], cluster.result()
             ),
-            namespaces=existing,
+            namespaces=_namespace_labels([ns for f in namespaces if (ns := f.result())]),
             agent_exists=agent.result() is not None,
             pod=pod_facts(pod.result()) if pod else None,
         )
@@ -697,11 +697,7 @@ class Service:
         """Delete objects we created whose task is gone or no longer Active."""
         tasks = self.kube.list(AGENT_TASKS) if tasks is None else tasks
         live = {
-            t["metadata"]["uid"]
-            for t in tasks
-            if _is_active(t)
-            and self.registry.get(t["metadata"]["uid"]) is None
-            and not _expired(t, self.clock())
+            t["metadata"]["uid"] for t in tasks if _is_active(t) and not _expired(t, self.clock())
         }
         selector = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
         removed = 0
