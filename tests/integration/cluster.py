@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import kubernetes
 
@@ -254,6 +254,9 @@ def list_pods_status(kube: Kube, ns: str) -> int:
 class OperatorProcess:
     """`agent-access-operator run` as a child process, logs captured for inspection."""
 
+    #: Every operator a test started, so the token-leak scan reads all their logs.
+    everyone: ClassVar[list[OperatorProcess]] = []
+
     def __init__(self, kubeconfig: str, workdir: Path, env: dict[str, str] | None = None):
         self.kubeconfig = kubeconfig
         self.extra_env = env or {}
@@ -262,6 +265,7 @@ class OperatorProcess:
         self.audit_file = workdir / "audit.jsonl"
         self.proc: subprocess.Popen | None = None
         self.runs = 0
+        OperatorProcess.everyone.append(self)
 
     @property
     def stdout_path(self) -> Path:

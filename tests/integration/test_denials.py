@@ -49,6 +49,14 @@ def deny(world, agents, access, agent="bot", **spec):
     return st
 
 
+def allow(world, agents, access, agent="bot", **spec):
+    name = unique("task")
+    world.task(agents, name, agent, access, **spec)
+    final = world.wait_phase(agents, name, {"Denied", "Active", "Failed"})
+    assert final["status"]["phase"] == "Active", final["status"]
+    return final
+
+
 GUARDRAILS = [
     (
         "escalate",
@@ -140,25 +148,8 @@ def test_guardrail_denies_forbidden(world, scene, word, rule):
 
 def test_reading_roles_is_not_a_guardrail(world, scene):
     agents, target, _ = scene
-    name = unique("task")
-    world.task(
-        agents,
-        name,
-        "bot",
-        [
-            {
-                "namespace": target,
-                "rules": [
-                    {
-                        "apiGroups": ["rbac.authorization.k8s.io"],
-                        "resources": ["roles"],
-                        "verbs": ["get"],
-                    }
-                ],
-            }
-        ],
-    )
-    assert world.wait_phase(agents, name, {"Active", "Denied"})["status"]["phase"] == "Active"
+    rule = {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles"], "verbs": ["get"]}
+    allow(world, agents, [{"namespace": target, "rules": [rule]}])
 
 
 @pytest.mark.parametrize("field", ["apiGroups", "resources", "verbs", "resourceNames"])
@@ -207,50 +198,12 @@ def test_resource_names_narrowing(world, operator):
     agents = world.namespace("agents")
     target = world.namespace("target")
     world.service_account(agents, "bot")
-    world.policy(
-        target,
-        "one-config",
-        [(agents, "bot")],
-        [
-            {
-                "apiGroups": [""],
-                "resources": ["configmaps"],
-                "verbs": ["get"],
-                "resourceNames": ["app-config"],
-            }
-        ],
-    )
-    st = deny(
-        world,
-        agents,
-        [
-            {
-                "namespace": target,
-                "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}],
-            }
-        ],
-    )
+    get_configmaps = {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}
+    named = {**get_configmaps, "resourceNames": ["app-config"]}
+    world.policy(target, "one-config", [(agents, "bot")], [named])
+    st = deny(world, agents, [{"namespace": target, "rules": [get_configmaps]}])
     assert st["reason"] == "RuleNotAllowed"
-    name = unique("task")
-    world.task(
-        agents,
-        name,
-        "bot",
-        [
-            {
-                "namespace": target,
-                "rules": [
-                    {
-                        "apiGroups": [""],
-                        "resources": ["configmaps"],
-                        "verbs": ["get"],
-                        "resourceNames": ["app-config"],
-                    }
-                ],
-            }
-        ],
-    )
-    assert world.wait_phase(agents, name, {"Active", "Denied"})["status"]["phase"] == "Active"
+    allow(world, agents, [{"namespace": target, "rules": [named]}])
 
 
 def test_agent_not_found(world, scene):
@@ -287,9 +240,7 @@ def test_require_pod(world, operator):
     st = deny(world, agents, [{"namespace": target, "rules": READ_PODS}])
     assert st["reason"] == "NoMatchingPolicy" and "podName" in st["message"]
     world.pod(agents, "worker", "bot")
-    name = unique("task")
-    world.task(agents, name, "bot", [{"namespace": target, "rules": READ_PODS}], podName="worker")
-    assert world.wait_phase(agents, name, {"Active", "Denied"})["status"]["phase"] == "Active"
+    allow(world, agents, [{"namespace": target, "rules": READ_PODS}], podName="worker")
 
 
 def test_duplicate_namespace_is_invalid(world, scene):

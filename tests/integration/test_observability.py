@@ -134,6 +134,28 @@ def test_metrics_follow_a_real_lifecycle(world, operator):
         before, "agentaccess_kubernetes_api_requests_total"
     )
     assert total(after, "agentaccess_handler_duration_seconds_count", handler="reconcile") > 0
+    # API metrics are labelled by resource kind, never by object name (bounded cardinality)
+    resources = {
+        dict(ls).get("resource")
+        for (n, ls) in after
+        if n == "agentaccess_kubernetes_api_requests_total"
+    }
+    assert resources <= {
+        "agenttasks",
+        "agenttasks/status",
+        "accesspolicies",
+        "clusteraccesspolicies",
+        "namespaces",
+        "pods",
+        "serviceaccounts",
+        "serviceaccounts/token",
+        "secrets",
+        "roles",
+        "rolebindings",
+        "events",
+        "leases",
+    }, resources
+    assert {"namespaces", "serviceaccounts/token", "agenttasks/status"} <= resources
 
 
 def test_health_endpoints(operator):

@@ -6,14 +6,16 @@ import json
 
 from agent_access.kube import AGENT_TASKS, EVENTS
 
-from .cluster import SEEN_TOKENS
+from .cluster import SEEN_TOKENS, OperatorProcess
 
 
 def test_tokens_appear_only_in_their_secrets(world, operator):
     assert SEEN_TOKENS, "the run read no tokens: nothing to check"
     haystacks = {
-        "operator logs": operator.logs(),
-        "audit file": operator.audit_file.read_text() if operator.audit_file.exists() else "",
+        "operator logs": "".join(op.logs() for op in OperatorProcess.everyone),
+        "audit files": "".join(
+            op.audit_file.read_text() for op in OperatorProcess.everyone if op.audit_file.exists()
+        ),
         "events": json.dumps(world.kube.list(EVENTS)),
         "agenttasks": json.dumps(world.kube.list(AGENT_TASKS)),
     }

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent_access import audit, objects, status
-from agent_access.durations import DurationError, format_duration, parse_duration
+from agent_access.durations import DurationError, parse_duration
 from agent_access.model import END_PHASE, Phase, Reason
 from agent_access.runtime import Deadlines
 
@@ -40,11 +40,6 @@ def test_parse_duration(text, seconds):
 def test_parse_duration_rejects(text):
     with pytest.raises(DurationError):
         parse_duration(text)
-
-
-def test_format_duration():
-    assert format_duration(timedelta(minutes=90)) == "1h30m0s"
-    assert format_duration(timedelta(seconds=42)) == "42s"
 
 
 def test_names_are_dns_safe_unique_and_bounded():
