@@ -481,8 +481,10 @@ class Service:
         checkpoint("issue:status")
         self._event(task, "Normal", Reason.POLICY_ALLOWED, message, "Grant")
         self.metrics.granted(self._first_seen.pop(uid, None) or plan.created_at, now)
-        # Something that may end grants happened while we were issuing: check now.
-        if self.registry.generation != generation or spec.pod_name:
+        # Something that may end grants (a pod finishing, a policy or agent change; each
+        # bumps the generation before it looks at the registry) happened while we were
+        # issuing: check now. Otherwise the handlers will see this grant in the registry.
+        if self.registry.generation != generation:
             live = self.registry.get(uid)
             if live:
                 self.recheck(live)
@@ -653,6 +655,7 @@ class Service:
         meta = task["metadata"]
         phase = (task.get("status") or {}).get("phase")
         grant = self.registry.get(meta["uid"])
+        self._first_seen.pop(meta["uid"], None)
         message = "the AgentTask was deleted"
         if grant is not None:
             self.revoke(grant, Reason.TASK_DELETED, message, write_status=False)
