@@ -42,9 +42,10 @@ manifests: install binaries ## Render manifests/install.yaml from the chart (def
 	$(HELM) template agent-access-operator $(CHART) --namespace agent-access-system \
 	  --kube-version $(K8S_VERSION) --skip-tests --include-crds > manifests/install.yaml
 
-lint: install ## ruff (lint and format check)
+lint: install ## ruff (lint and format check) and mypy
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy operator/agent_access
 
 test-unit: install ## Unit tests (pure logic, no cluster)
 	$(PY) -m pytest tests/unit -q $(PYTEST_ARGS)

@@ -19,7 +19,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tests.integration.cluster import ROOT, OperatorProcess, World, admin, free_port
+from tests.integration.cluster import (
+    ROOT,
+    OperatorProcess,
+    World,
+    admin,
+    free_port,
+    wait_for_admission,
+)
 
 sys.path.insert(0, str(ROOT / "hack"))
 import controlplane
@@ -78,6 +85,7 @@ def release(kubeconfig):
         env=dict(os.environ, KUBECONFIG=kubeconfig),
         stdout=subprocess.DEVNULL,
     )
+    wait_for_admission(admin(kubeconfig))
     manifest = list(
         yaml.safe_load_all(helm(kubeconfig, "get", "manifest", RELEASE, "--namespace", NAMESPACE))
     )
@@ -91,7 +99,8 @@ def chart_args(manifest: list[dict]) -> tuple[str, list[str]]:
     pod = deploy["spec"]["template"]["spec"]
     args = pod["containers"][0]["args"]
     assert args[0] == "run"
-    return pod["serviceAccountName"], [a for a in args[1:] if not a.startswith("--metrics-port")]
+    local = ("--metrics-port", "--metrics-host")  # the test process picks its own
+    return pod["serviceAccountName"], [a for a in args[1:] if not a.startswith(local)]
 
 
 def token_kubeconfig(kubeconfig: str, namespace: str, sa: str, path: Path) -> str:

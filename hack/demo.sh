@@ -13,6 +13,10 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 say "Installing the CRDs"
 $K apply -f crds/ >/dev/null
 $K wait --for condition=established crd --all --timeout=30s >/dev/null
+# the API server's admission policies learn the new AgentTask type within seconds
+for _ in $(seq 120); do
+  $K apply --dry-run=server -f examples/30-agenttask.yaml >/dev/null 2>&1 && break; sleep 0.5
+done
 $K delete agenttask -n agents incident-4711-summary --ignore-not-found --wait=false >/dev/null 2>&1 || true
 
 say "Starting the operator (logs: $LOG)"
@@ -33,6 +37,9 @@ $K apply -f examples/30-agenttask.yaml
 $K wait --for jsonpath='{.status.phase}'=Active agenttask -n agents incident-4711-summary --timeout=20s >/dev/null
 $K get agenttasks -n agents
 
+say "Who asked (stamped by the API server at admission; clients cannot set it)"
+$K get agenttask -n agents incident-4711-summary -o jsonpath='{.status.requester.username}{"\n"}'
+
 say "What was granted (status)"
 $K get agenttask -n agents incident-4711-summary -o jsonpath='{.status.message}{"\n"}identity: {.status.serviceAccountName}{"\n"}token in Secret: {.status.tokenSecretName} (key token){"\n"}'
 
@@ -48,6 +55,11 @@ echo "\$ kubectl auth can-i get pods/log -n payments -> $(as_agent auth can-i ge
 echo "\$ kubectl auth can-i delete pods -n payments  -> $(as_agent auth can-i delete pods -n payments || true)"
 echo "\$ kubectl auth can-i get secrets -n payments  -> $(as_agent auth can-i get secrets -n payments || true)"
 echo "\$ kubectl get pods -n payments               -> $(as_agent get pods -n payments || true)"
+
+say "As the agent's own ServiceAccount: it may read exactly its token Secret, nothing else"
+AGENT=system:serviceaccount:agents:triage-bot
+echo "\$ kubectl auth can-i get secret/$SECRET -n agents --as \$AGENT -> $($K auth can-i get "secret/$SECRET" -n agents --as "$AGENT" || true)"
+echo "\$ kubectl auth can-i list secrets -n agents --as \$AGENT -> $($K auth can-i list secrets -n agents --as "$AGENT" || true)"
 
 say "The task is done: cancel it"
 $K patch agenttask -n agents incident-4711-summary --type merge -p '{"spec":{"cancel":true}}'

@@ -10,16 +10,31 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "operator"))
+sys.path.insert(0, str(ROOT / "hack"))
+
+import admission  # noqa: E402  (hack/admission.py)
 
 from agent_access.durations import PATTERN as DURATION  # noqa: E402
 from agent_access.model import GROUP, VERSION  # noqa: E402
 
+ADMISSION_NOTE = f"""# Admission policies that keep anyone but the operator from steering it,
+# and keep the operator to its own objects (docs/security.md). The operator
+# identity below is the default install's:
+#   {admission.DEFAULT_OPERATOR}
+# Members of system:masters are always trusted. Running the operator under another
+# identity? Install with the chart, which renders these with its own.
+"""
 NAME = {"type": "string", "maxLength": 253, "minLength": 1}
 DNS_LABEL = {
     "type": "string",
     "maxLength": 63,
     "minLength": 1,
     "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+}
+#: Durations beyond a year are refused at apply time (the engine refuses them too).
+BOUNDED_DURATION = {
+    "rule": "duration(self) <= duration('8784h')",
+    "message": "must be at most 8784h (366 days)",
 }
 #: A JSON-schema pattern, not CEL: CEL on items of nested lists exceeds the cost budget.
 NO_WILDCARD = r"^[^*]*$"
@@ -175,7 +190,8 @@ TASK_SPEC = {
             "type": "string",
             "default": "15m",
             "pattern": DURATION,
-            "maxLength": 64,
+            "maxLength": 32,
+            "x-kubernetes-validations": [BOUNDED_DURATION],
             "description": "Requested lifetime in Go duration syntax (e.g. 10m, 1h30m); "
             "clamped to the smallest maxTTL of the policies that allowed it. Default 15m.",
         },
@@ -226,7 +242,8 @@ TASK_SPEC = {
             "rule": "self.agent == oldSelf.agent && self.intent == oldSelf.intent"
             " && has(self.ttl) == has(oldSelf.ttl) && (!has(self.ttl) || self.ttl == oldSelf.ttl)"
             " && has(self.podName) == has(oldSelf.podName)"
-            " && (!has(self.podName) || self.podName == oldSelf.podName)",
+            " && (!has(self.podName) || self.podName == oldSelf.podName)"
+            " && has(self.audiences) == has(oldSelf.audiences)",
             "message": "spec is immutable except cancel: create a new AgentTask to ask for "
             "different access",
         },
@@ -288,6 +305,16 @@ TASK_STATUS = {
             "description": "Secret in this namespace holding the token under the key `token`.",
         },
         "podUID": {"type": "string", "description": "UID of the pod the grant is bound to."},
+        "requester": {
+            "type": "object",
+            "description": "Who created the task, as the API server recorded it at admission "
+            "(stamped by a MutatingAdmissionPolicy; clients cannot set it).",
+            "properties": {
+                "username": {"type": "string"},
+                "uid": {"type": "string"},
+                "groups": {"type": "array", "items": {"type": "string"}},
+            },
+        },
         "grantedAt": {"type": "string", "format": "date-time"},
         "expiresAt": {"type": "string", "format": "date-time"},
         "endedAt": {
@@ -368,7 +395,8 @@ def policy_spec(cluster: bool) -> dict:
                 "type": "string",
                 "default": "1h",
                 "pattern": DURATION,
-                "maxLength": 64,
+                "maxLength": 32,
+                "x-kubernetes-validations": [BOUNDED_DURATION],
                 "description": "Longest grant this policy allows (Go duration). Default 1h.",
             },
             "requirePod": {
@@ -376,6 +404,37 @@ def policy_spec(cluster: bool) -> dict:
                 "default": False,
                 "description": "If true, tasks must name a pod (spec.podName).",
             },
+            "requesters": {
+                "type": "array",
+                "maxItems": 64,
+                "description": "Who may create tasks this policy covers (absent: anyone "
+                "allowed by RBAC to create AgentTasks). A ServiceAccount listed here may also "
+                "ask on behalf of other agents of its namespace.",
+                "items": {
+                    "type": "object",
+                    "required": ["kind", "name"],
+                    "properties": {
+                        "kind": {"type": "string", "enum": ["User", "Group", "ServiceAccount"]},
+                        "name": {**NAME, "description": "User name, group or ServiceAccount."},
+                        "namespace": {
+                            **DNS_LABEL,
+                            "description": "The ServiceAccount's namespace (kind ServiceAccount).",
+                        },
+                    },
+                    "x-kubernetes-validations": [
+                        {
+                            "rule": "self.kind != 'ServiceAccount' || has(self.namespace)",
+                            "message": "a ServiceAccount requester needs its namespace",
+                        }
+                    ],
+                },
+            },
+            "allowedAudiences": strings(
+                "Token audiences besides the API server's own that tasks covered by this "
+                "policy may ask for (default: none). Every covering policy must allow one.",
+                max_items=16,
+                wildcard=False,
+            ),
         },
     }
     if cluster:
@@ -449,13 +508,26 @@ def main() -> None:
             "namespaceSelector chooses.",
         ),
     }
+    header = "# Generated by hack/gen_crds.py; do not edit.\n"
     for out in outs:
         out.mkdir(parents=True, exist_ok=True)
         for name, doc in docs.items():
-            text = "# Generated by hack/gen_crds.py; do not edit.\n" + yaml.safe_dump(
-                doc, sort_keys=False, width=100
-            )
+            text = header + yaml.safe_dump(doc, sort_keys=False, width=100)
             (out / name).write_text(text)
+    # The admission policies these protections need. crds/ carries the default
+    # install's operator identity (cluster admins are always trusted); the chart
+    # renders the same file with its own identity (templates/admission-policies.yaml).
+    policies = (
+        header
+        + ADMISSION_NOTE
+        + "---\n".join(
+            yaml.safe_dump(doc, sort_keys=False, width=100) for doc in admission.policies()
+        )
+    )
+    (ROOT / "crds" / "admission-policies.yaml").write_text(policies)
+    chart_files = ROOT / "charts" / "agent-access-operator" / "files" / "admission"
+    chart_files.mkdir(parents=True, exist_ok=True)
+    (chart_files / "admission-policies.yaml").write_text(policies)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ def record(
     expires_at: str | None = None,
     ended_at: str | None = None,
     trigger: str | None = None,
+    requester: Mapping[str, Any] | None = None,
+    detail: str | None = None,
     now: datetime | None = None,
 ) -> dict[str, Any]:
     """Build one audit record; purely computational."""
@@ -49,6 +51,8 @@ def record(
         "agent": spec.get("agent"),
         "intent": spec.get("intent"),
         "podName": spec.get("podName"),
+        "requester": dict(requester) if requester else None,
+        "audiences": list(spec.get("audiences") or []),
         "phase": phase,
         "reason": reason,
         "message": message,
@@ -61,6 +65,7 @@ def record(
         "grantedAt": granted_at,
         "expiresAt": expires_at,
         "endedAt": ended_at,
+        "detail": detail,
     }
 
 
@@ -95,6 +100,8 @@ _DENIALS = {
     "InvalidSpec",
     "AgentNotFound",
     "PodNotFound",
+    "RequesterNotAllowed",
+    "AudienceNotAllowed",
 }
 
 
@@ -190,16 +197,21 @@ def timeline(
                     "message": status.get("message"),
                 }
             )
+    # Anyone who may create Events in the namespace can write one that looks like the
+    # operator's: an Event counts as verified only when an audit line agrees with it.
+    audited = {(line.get("reason"), str(line.get("time") or "")[:16]) for line in lines}
     for ev in events:
+        when = ev.get("lastTimestamp") or ev.get("eventTime") or ev.get("firstTimestamp")
         entries.append(
             {
-                "time": ev.get("lastTimestamp") or ev.get("eventTime") or ev.get("firstTimestamp"),
+                "time": when,
                 "source": "event",
                 "event": _event_name(
                     ev.get("reason", ""), "Denied" if ev.get("type") == "Warning" else "Active"
                 ),
                 "reason": ev.get("reason"),
                 "message": ev.get("message"),
+                "verified": (ev.get("reason"), str(when or "")[:16]) in audited,
             }
         )
     for line in lines:
@@ -222,10 +234,19 @@ def timeline(
     }
 
 
+def safe(value: object) -> str:
+    """Printable text: control characters (terminal escapes, newlines, bidi overrides)
+    written by users are shown escaped, never interpreted by the terminal."""
+    text = "" if value is None else str(value)
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+
+
 def render_text(paths: Sequence[Mapping[str, Any]]) -> str:
     out = []
     for path in paths:
-        t = path["task"]
+        t = {k: safe(v) if v is not None else None for k, v in path["task"].items()}
         out.append(f"AgentTask {t['namespace']}/{t['name']}  (uid {t['uid']})")
         out.append(
             f"  agent:  {t['agent']}" + (f"   pod: {t['podName']}" if t.get("podName") else "")
@@ -236,10 +257,18 @@ def render_text(paths: Sequence[Mapping[str, Any]]) -> str:
             + (f" ({t['reason']})" if t.get("reason") else "")
         )
         for e in path["timeline"]:
-            reason = e.get("reason") or ""
+            reason = safe(e.get("reason") or "")
+            source = e["source"]
+            if source == "event" and not e.get("verified"):
+                source = "event?"  # not confirmed by an audit line: may be forged
             out.append(
-                f"  {str(e.get('time') or '')[:19]:<19}  {e['event']:<9} {e['source']:<6} "
-                f"{reason:<17} {e.get('message') or ''}".rstrip()
+                f"  {safe(e.get('time') or '')[:19]:<19}  {safe(e['event']):<9} {source:<6} "
+                f"{reason:<17} {safe(e.get('message') or '')}".rstrip()
+            )
+        if any(e["source"] == "event" and not e.get("verified") for e in path["timeline"]):
+            out.append(
+                "  (event? = a Kubernetes Event no audit line confirms: anyone who may create "
+                "Events in the namespace can write one; pass --audit-file to verify)"
             )
         out.append("")
     return "\n".join(out)

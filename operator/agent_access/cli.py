@@ -27,7 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=8080,
         help="port for /metrics, /healthz and /readyz (default 8080)",
     )
-    run.add_argument("--metrics-host", default="0.0.0.0", help="address to listen on")
+    run.add_argument(
+        "--metrics-host",
+        default="127.0.0.1",
+        help="address /metrics, /healthz and /readyz listen on (default 127.0.0.1; "
+        "the chart sets 0.0.0.0 so the kubelet and Prometheus reach it)",
+    )
+    run.add_argument(
+        "--operator-namespace",
+        help="the operator's own namespace: nothing is ever granted there (default: "
+        "POD_NAMESPACE, or the in-cluster service account's namespace)",
+    )
     run.add_argument("--audit-file", help="also append audit lines to this file")
     run.add_argument(
         "-n",
@@ -180,12 +190,21 @@ def run(args: argparse.Namespace) -> int:
     handlers.CONFIG.audit_file = args.audit_file
     handlers.CONFIG.workers = args.workers
     handlers.CONFIG.watch_workers = args.watch_workers
+    namespaces = _split(args.namespaces)
+    own = _operator_namespace(args)
     handlers.CONFIG.guardrails = DEFAULT_GUARDRAILS.extended(
         verbs=_split(args.forbid_verb),
         resources=_split(args.forbid_resource),
         write_protected=_split(args.protect_resource),
         target_namespaces=_split(args.grant_namespace) or None,
+        protected_namespaces=[own] if own else [],
     )
+    if namespaces:
+        # Watching only some namespaces would hide policy changes elsewhere: grants go
+        # only into watched namespaces.
+        handlers.CONFIG.guardrails = handlers.CONFIG.guardrails.extended(
+            target_namespaces=namespaces
+        )
     kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.PLAIN)
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
@@ -198,7 +217,6 @@ def run(args: argparse.Namespace) -> int:
         elector.wait_for_leadership()
         handlers.CONFIG.health.standby.clear()
         handlers.CONFIG.metrics.leader.set(1)
-    namespaces = _split(args.namespaces)
     try:
         kopf.run(standalone=True, clusterwide=not namespaces, namespaces=namespaces)
     finally:
@@ -207,21 +225,30 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _leader_elector(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _pod_namespace() -> str | None:
     import os
+
+    if os.environ.get("POD_NAMESPACE"):
+        return os.environ["POD_NAMESPACE"]
+    try:
+        with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _operator_namespace(args: argparse.Namespace) -> str | None:
+    return args.operator_namespace or _pod_namespace()
+
+
+def _leader_elector(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     import socket
     import uuid
 
     from .kube import Kube
     from .leader import LeaderElector
 
-    namespace = args.leader_election_namespace or os.environ.get("POD_NAMESPACE")
-    if not namespace:
-        try:
-            with open("/var/run/secrets/kubernetes.io/serviceaccount/namespace") as f:
-                namespace = f.read().strip()
-        except OSError:
-            namespace = "default"
+    namespace = args.leader_election_namespace or _pod_namespace() or "default"
     identity = f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
     return LeaderElector(
         Kube.from_environment(pool_size=2),

@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from datetime import timedelta
 
+from .model import MAX_DURATION_SECONDS
+
 _UNITS = {
     "ns": 1e-9,
     "us": 1e-6,
@@ -40,6 +42,10 @@ def parse_duration(text: str) -> timedelta:
             )
         total += float(match.group(1)) * _UNITS[match.group(2)]
         pos = match.end()
+        if total > MAX_DURATION_SECONDS:  # also keeps float/timedelta far from overflow
+            raise DurationError(f"duration {text!r} is longer than the limit of 8784h (366 days)")
     if total <= 0:
         raise DurationError(f"duration {text!r} must be positive")
+    if total > MAX_DURATION_SECONDS:
+        raise DurationError(f"duration {text!r} is longer than the limit of 8784h (366 days)")
     return timedelta(seconds=total)

@@ -8,14 +8,25 @@ whole request.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .durations import DurationError, parse_duration
-from .model import DEFAULT_MAX_TTL, DEFAULT_TTL, Reason
+from .model import (
+    ANNOTATION_REQUESTER_GROUPS,
+    ANNOTATION_REQUESTER_UID,
+    ANNOTATION_REQUESTER_USERNAME,
+    DEFAULT_MAX_TTL,
+    DEFAULT_TTL,
+    MAX_REQUEST_ATOMS,
+    Reason,
+)
 from .rules import DEFAULT_GUARDRAILS, Guardrails, Rule, parse_rules, rule_covers
+
+SA_PREFIX = "system:serviceaccount:"
 
 # ---------------------------------------------------------------------------
 # Inputs
@@ -28,6 +39,48 @@ class AccessEntry:
 
 
 @dataclass(frozen=True)
+class Requester:
+    """Who created the task, as the API server recorded it at admission."""
+
+    username: str = ""
+    uid: str = ""
+    groups: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"username": self.username, "uid": self.uid, "groups": list(self.groups)}
+
+    def service_account(self) -> tuple[str, str] | None:
+        """(namespace, name) when the requester is a ServiceAccount."""
+        if not self.username.startswith(SA_PREFIX):
+            return None
+        parts = self.username[len(SA_PREFIX) :].split(":")
+        return (parts[0], parts[1]) if len(parts) == 2 else None
+
+
+def requester_of(metadata: Mapping[str, Any]) -> Requester | None:
+    """The requester stamped at admission (annotations no client can set); None when
+    the admission policies are not installed."""
+    annotations = metadata.get("annotations") or {}
+    if not isinstance(annotations, Mapping):
+        return None
+    username = annotations.get(ANNOTATION_REQUESTER_USERNAME)
+    if not isinstance(username, str) or not username:
+        return None
+    uid = annotations.get(ANNOTATION_REQUESTER_UID)
+    try:  # a JSON array of strings, written by the admission policy
+        groups = json.loads(annotations.get(ANNOTATION_REQUESTER_GROUPS) or "[]")
+    except (TypeError, ValueError):
+        groups = []
+    if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+        groups = []  # fail closed: no group-based requester rule matches
+    return Requester(
+        username=username,
+        uid=uid if isinstance(uid, str) else "",
+        groups=tuple(groups),
+    )
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     namespace: str
     agent: str
@@ -37,18 +90,47 @@ class TaskSpec:
     cancel: bool
     audiences: tuple[str, ...]
     access: tuple[AccessEntry, ...]
+    requester: Requester | None = None
 
     @property
     def target_namespaces(self) -> tuple[str, ...]:
         return tuple(e.namespace for e in self.access)
+
+    @property
+    def atom_count(self) -> int:
+        return sum(r.atom_count for e in self.access for r in e.rules)
 
 
 class SpecError(ValueError):
     """The spec cannot be evaluated as written (InvalidSpec)."""
 
 
-def parse_task_spec(namespace: str, spec: Mapping[str, Any]) -> TaskSpec:
-    """Validate and normalise an AgentTask spec; raise SpecError saying what to fix."""
+def parse_task_spec(
+    namespace: str, spec: Mapping[str, Any], requester: Requester | None = None
+) -> TaskSpec:
+    """Validate and normalise an AgentTask spec; raise SpecError saying what to fix.
+
+    Total: any malformed input (wrong types included) is a SpecError, never a crash.
+    """
+    try:
+        return _parse_task_spec(namespace, spec, requester)
+    except SpecError:
+        raise
+    except Exception as exc:  # hostile shapes: lists for maps, numbers for strings, ...
+        raise SpecError(f"spec is malformed ({type(exc).__name__})") from None
+
+
+def _strings(raw: Any, where: str) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+        raise SpecError(f"{where} must be a list of strings")
+    return tuple(raw)
+
+
+def _parse_task_spec(
+    namespace: str, spec: Mapping[str, Any], requester: Requester | None
+) -> TaskSpec:
     agent = spec.get("agent")
     if not isinstance(agent, str) or not agent:
         raise SpecError("spec.agent is required: the ServiceAccount the agent runs as")
@@ -66,8 +148,12 @@ def parse_task_spec(namespace: str, spec: Mapping[str, Any]) -> TaskSpec:
         raise SpecError("spec.access needs at least one entry")
     entries: list[AccessEntry] = []
     seen: set[str] = set()
+    if not isinstance(access_raw, list):
+        raise SpecError("spec.access must be a list")
     for i, raw in enumerate(access_raw):
         target = raw.get("namespace") or namespace
+        if not isinstance(target, str):
+            raise SpecError(f"spec.access[{i}].namespace must be a string")
         if target in seen:
             raise SpecError(
                 f"spec.access[{i}]: namespace {target!r} is listed twice; "
@@ -87,16 +173,25 @@ def parse_task_spec(namespace: str, spec: Mapping[str, Any]) -> TaskSpec:
                 raise SpecError(f"{where}: verbs is required")
         entries.append(AccessEntry(namespace=target, rules=rules))
     pod_name = spec.get("podName") or None
+    if pod_name is not None and not isinstance(pod_name, str):
+        raise SpecError("spec.podName must be a string")
     return TaskSpec(
         namespace=namespace,
         agent=agent,
         intent=intent,
         ttl=ttl,
         pod_name=pod_name,
-        cancel=bool(spec.get("cancel")),
-        audiences=tuple(spec.get("audiences") or ()),
+        cancel=spec.get("cancel") is True,
+        audiences=_strings(spec.get("audiences"), "spec.audiences"),
         access=tuple(entries),
+        requester=requester,
     )
+
+
+def parse_task(task: Mapping[str, Any]) -> TaskSpec:
+    """A task's spec with the requester stamped at admission; SpecError if unusable."""
+    meta = task.get("metadata") or {}
+    return parse_task_spec(meta.get("namespace", ""), task.get("spec") or {}, requester_of(meta))
 
 
 @dataclass(frozen=True)
@@ -111,6 +206,14 @@ class Policy:
     require_pod: bool = False
     namespace_selector: Mapping[str, Any] | None = None
     resource_version: str = ""
+    #: (kind, namespace, name) of who may create tasks this policy covers; empty: anyone.
+    requesters: frozenset[tuple[str, str, str]] = frozenset()
+    allowed_audiences: frozenset[str] = frozenset()
+
+    def allows_requester(self, requester: Requester | None) -> bool:
+        if not self.requesters:
+            return True
+        return requester is not None and requester_listed(self.requesters, requester)
 
     @property
     def key(self) -> str:
@@ -127,8 +230,32 @@ class Policy:
         return selector_matches(self.namespace_selector or {}, labels)
 
 
+def requester_listed(listed: frozenset[tuple[str, str, str]], requester: Requester) -> bool:
+    for kind, namespace, name in listed:
+        if kind == "User" and requester.username == name:
+            return True
+        if kind == "Group" and name in requester.groups:
+            return True
+        if kind == "ServiceAccount" and requester.username == f"{SA_PREFIX}{namespace}:{name}":
+            return True
+    return False
+
+
 def parse_policy(body: Mapping[str, Any]) -> Policy:
-    """Turn a policy object into a Policy; raise SpecError if it is unusable."""
+    """Turn a policy object into a Policy; raise SpecError if it is unusable.
+
+    Total: any malformed input is a SpecError, so one hostile policy never breaks a
+    decision or re-evaluation that lists it with others.
+    """
+    try:
+        return _parse_policy(body)
+    except SpecError:
+        raise
+    except Exception as exc:
+        raise SpecError(f"policy is malformed ({type(exc).__name__})") from None
+
+
+def _parse_policy(body: Mapping[str, Any]) -> Policy:
     meta = body.get("metadata", {})
     spec = body.get("spec") or {}
     cluster = body.get("kind") == "ClusterAccessPolicy"
@@ -148,6 +275,11 @@ def parse_policy(body: Mapping[str, Any]) -> Policy:
         require_pod=bool(spec.get("requirePod")),
         namespace_selector=spec.get("namespaceSelector") if cluster else None,
         resource_version=str(meta.get("resourceVersion", "")),
+        requesters=frozenset(
+            (str(r["kind"]), str(r.get("namespace") or ""), str(r["name"]))
+            for r in spec.get("requesters") or ()
+        ),
+        allowed_audiences=frozenset(_strings(spec.get("allowedAudiences"), "allowedAudiences")),
     )
 
 
@@ -227,8 +359,12 @@ class Granted:
 
 @dataclass(frozen=True)
 class Denied:
+    """A refusal. `message` is for the requester and reveals nothing they may not read
+    (other namespaces' existence, policy names); `detail` goes only to the audit line."""
+
     reason: Reason
     message: str
+    detail: str = ""
 
 
 Decision = Granted | Denied
@@ -253,10 +389,35 @@ def check_guardrails(spec: TaskSpec, guardrails: Guardrails) -> Denied | None:
     return None
 
 
+def check_size(spec: TaskSpec) -> Denied | None:
+    """Bound the cost of a decision: coverage is checked atom by atom."""
+    atoms = spec.atom_count
+    if atoms > MAX_REQUEST_ATOMS:
+        return Denied(
+            Reason.INVALID_SPEC,
+            f"the request expands to {atoms} (apiGroup, resource, verb, name) combinations; "
+            f"the limit is {MAX_REQUEST_ATOMS}: split it into smaller tasks",
+        )
+    return None
+
+
 def _atom_text(atom: tuple[str, str, str, str | None]) -> str:
     group, resource, verb, name = atom
     target = f"{group}/{resource}" if group else resource
     return f"{verb} {target}" + (f" {name}" if name else "")
+
+
+def _requester_may_act(spec: TaskSpec, policy: Policy) -> bool:
+    """A policy's `requesters`, and the rule that an agent asks only for itself: a
+    ServiceAccount of the task's namespace may ask for another agent only when the
+    policy lists it in `requesters`."""
+    requester = spec.requester
+    if not policy.allows_requester(requester):
+        return False
+    sa = requester.service_account() if requester else None
+    if sa and sa[0] == spec.namespace and sa[1] != spec.agent:
+        return bool(policy.requesters)  # listed (allows_requester held)
+    return True
 
 
 def check_coverage(
@@ -267,25 +428,40 @@ def check_coverage(
     """Is every requested rule covered by the policies that apply to its namespace?
 
     Returns the policies that contributed (each covers at least one requested
-    atom), and a denial naming the namespace and the first uncovered rule.
+    atom), and a denial naming the namespace and the first uncovered rule. A target
+    namespace that does not exist is refused exactly like one no policy governs, so
+    the answer reveals nothing about namespaces the requester cannot see.
     """
     subject = (spec.namespace, spec.agent)
     used: dict[str, Policy] = {}
+    who = f"{spec.namespace}/{spec.agent}"
     for entry in spec.access:
-        labels = namespaces.get(entry.namespace, {})
+        labels = namespaces.get(entry.namespace)
+        exists = labels is not None
         naming = [
-            p for p in policies if subject in p.subjects and p.governs(entry.namespace, labels)
+            p
+            for p in policies
+            if exists and subject in p.subjects and p.governs(entry.namespace, labels or {})
         ]
-        applicable = [p for p in naming if spec.pod_name or not p.require_pod]
+        with_pod = [p for p in naming if spec.pod_name or not p.require_pod]
+        applicable = [p for p in with_pod if _requester_may_act(spec, p)]
         if not applicable:
-            hint = ""
-            if naming:
-                keys = ", ".join(p.key for p in naming)
-                hint = f"; {keys} require spec.podName"
+            first = entry.rules[0].describe()
+            if with_pod:
+                requester = spec.requester.username if spec.requester else "unknown"
+                return (), Denied(
+                    Reason.REQUESTER_NOT_ALLOWED,
+                    f"namespace {entry.namespace}: {requester} may not request access for "
+                    f"agent {who}: a ServiceAccount asks only for itself, unless a policy "
+                    "lists it in requesters",
+                    detail=f"policies naming the agent: {', '.join(p.key for p in with_pod)}",
+                )
+            hint = "; the policies that apply require spec.podName" if naming else ""
             return (), Denied(
                 Reason.NO_MATCHING_POLICY,
                 f"namespace {entry.namespace}: no AccessPolicy or ClusterAccessPolicy lets "
-                f"{spec.namespace}/{spec.agent} request [{entry.rules[0].describe()}]{hint}",
+                f"{who} request [{first}]{hint}",
+                detail="the namespace does not exist" if not exists else "no policy names it",
             )
         for rule in entry.rules:
             missing = []
@@ -296,15 +472,29 @@ def check_coverage(
                 for p in covering:
                     used.setdefault(p.key, p)
             if missing:
-                keys = ", ".join(p.key for p in applicable)
                 shown = "; ".join(_atom_text(a) for a in missing[:5])
                 more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
                 return (), Denied(
                     Reason.RULE_NOT_ALLOWED,
                     f"namespace {entry.namespace}: rule [{rule.describe()}] is not covered by "
-                    f"{keys}: missing {shown}{more}",
+                    f"the policies that apply: missing {shown}{more}",
+                    detail=f"applicable policies: {', '.join(p.key for p in applicable)}",
                 )
     return tuple(sorted(used.values(), key=lambda p: p.key)), None
+
+
+def check_audiences(spec: TaskSpec, used: Sequence[Policy]) -> Denied | None:
+    """Audiences beyond the API server's own need every covering policy's consent."""
+    for audience in spec.audiences:
+        refusing = [p.key for p in used if audience not in p.allowed_audiences]
+        if refusing:
+            return Denied(
+                Reason.AUDIENCE_NOT_ALLOWED,
+                f"token audience {audience!r} is not allowed by every policy covering this "
+                "request (allowedAudiences)",
+                detail=f"not allowed by: {', '.join(refusing)}",
+            )
+    return None
 
 
 def floor_seconds(moment: datetime) -> datetime:
@@ -318,12 +508,9 @@ def evaluate(
     guardrails: Guardrails = DEFAULT_GUARDRAILS,
 ) -> Decision:
     """Decide a request. Guardrails first, then facts, then policy coverage and TTL."""
-    denied = check_guardrails(spec, guardrails)
+    denied = check_guardrails(spec, guardrails) or check_size(spec)
     if denied:
         return denied
-    for target in spec.target_namespaces:
-        if target not in world.namespaces:
-            return Denied(Reason.INVALID_SPEC, f"target namespace {target!r} does not exist")
     if not world.agent_exists:
         return Denied(
             Reason.AGENT_NOT_FOUND,
@@ -347,6 +534,7 @@ def evaluate(
                 Reason.INVALID_SPEC, f"pod {spec.pod_name!r} has already finished ({pod.phase})"
             )
     used, denied = check_coverage(spec, world.policies, world.namespaces)
+    denied = denied or check_audiences(spec, used)
     if denied:
         return denied
     ttl = min([spec.ttl, *(p.max_ttl for p in used)])
@@ -387,11 +575,12 @@ def reevaluate(
     The reason is PolicyDeleted when a policy the grant relied on no longer
     exists, PolicyChanged otherwise.
     """
-    _, denied = check_coverage(spec, policies, namespaces)
+    used, denied = check_coverage(spec, policies, namespaces)
+    denied = denied or check_audiences(spec, used)
     if denied is None:
         return None
     existing = {p.key for p in policies}
     gone = [k for k in previous_policies if k not in existing]
     reason = Reason.POLICY_DELETED if gone else Reason.POLICY_CHANGED
     prefix = f"policy {', '.join(gone)} deleted; " if gone else "policies changed; "
-    return Denied(reason, prefix + denied.message)
+    return Denied(reason, prefix + denied.message, denied.detail)

@@ -1,4 +1,4 @@
-"""kopf handlers: the only module that imports kopf.
+"""kopf handlers: with kopf_state, the only modules that import kopf.
 
 Each handler is a few lines that hand off to the grant service. Handlers are
 synchronous; kopf runs them in its thread pool.
@@ -14,7 +14,8 @@ from typing import Any
 import kopf
 
 from .audit import AuditLog
-from .kube import Kube
+from .kopf_state import MemoryDiffBaseStorage, MemoryProgressStorage
+from .kube import Kube, KubeError
 from .metrics import Health, Metrics
 from .model import CLUSTER_POLICIES, FINALIZER, GROUP, POLICIES, TASKS, VERSION
 from .rules import DEFAULT_GUARDRAILS, Guardrails
@@ -37,6 +38,8 @@ class Config:
 
 CONFIG = Config()
 _service: Service | None = None
+_progress = MemoryProgressStorage(prefix=GROUP)
+_diffbase = MemoryDiffBaseStorage()
 
 
 def service() -> Service:
@@ -62,10 +65,9 @@ class _timed:
 def start(settings: kopf.OperatorSettings, **_: Any) -> None:
     global _service
     settings.persistence.finalizer = FINALIZER
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
-    )
+    # Never read bookkeeping from the object: anyone who may patch a task could plant it.
+    settings.persistence.progress_storage = _progress
+    settings.persistence.diffbase_storage = _diffbase
     settings.posting.enabled = False  # the service writes its own Events
     settings.execution.max_workers = max(8, CONFIG.workers)
     settings.watching.server_timeout = 300
@@ -96,9 +98,18 @@ def stop(**_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, TASKS)
-def task_seen(body: kopf.Body, **_: Any) -> None:
-    if _service is not None:
-        _service.seen(body)
+def task_seen(type: str | None, body: kopf.Body, **_: Any) -> None:
+    if _service is None:
+        return
+    if type == "DELETED":  # also when the finalizer was removed by someone else
+        _service.on_task_gone(body)
+        _progress.forget(body["metadata"]["uid"])
+        _diffbase.forget(body["metadata"]["uid"])
+    else:
+        try:
+            _service.seen(body)
+        except KubeError as exc:
+            log.warning("could not restore the status of %s: %s", body["metadata"]["name"], exc)
 
 
 @kopf.on.create(GROUP, VERSION, TASKS)
@@ -106,17 +117,23 @@ def task_seen(body: kopf.Body, **_: Any) -> None:
 @kopf.on.update(GROUP, VERSION, TASKS)
 def reconcile_task(body: kopf.Body, **_: Any) -> None:
     with _timed("reconcile"):
-        service().reconcile(body)
+        try:
+            service().reconcile(body)
+        except KubeError as exc:  # the API is struggling: try again soon, not in 60 s
+            raise kopf.TemporaryError(f"API error, retrying: {exc}", delay=1) from exc
 
 
 @kopf.on.delete(GROUP, VERSION, TASKS)
 def task_deleted(body: kopf.Body, **_: Any) -> None:
     with _timed("delete"):
-        service().on_task_deleted(body)
+        try:
+            service().on_task_deleted(body)
+        except KubeError as exc:
+            raise kopf.TemporaryError(f"API error, retrying: {exc}", delay=1) from exc
 
 
 @kopf.on.event(GROUP, VERSION, POLICIES)
-def access_policy_event(type: str | None, namespace: str, **_: Any) -> None:
+def access_policy_event(type: str | None, namespace: str | None, **_: Any) -> None:
     if type is None:  # the initial listing: tasks are re-checked as they resume
         return
     with _timed("policy"):
@@ -138,8 +155,8 @@ def pod_event(type: str | None, body: kopf.Body, **_: Any) -> None:
 
 
 @kopf.on.event("", "v1", "serviceaccounts")
-def service_account_event(type: str | None, namespace: str, name: str, **_: Any) -> None:
-    if type == "DELETED":
+def service_account_event(type: str | None, namespace: str | None, name: str, **_: Any) -> None:
+    if type == "DELETED" and namespace:
         with _timed("serviceaccount"):
             service().on_service_account_deleted(namespace, name)
 

@@ -212,19 +212,21 @@ class Kube:
     def create(self, res: Resource, namespace: str | None, body: Mapping[str, Any]) -> dict:
         return self.request("POST", res.path(namespace), body=body, resource=res.plural)
 
-    def delete(self, res: Resource, namespace: str | None, name: str) -> bool:
-        """Delete; True if something was deleted, False if it was already gone."""
+    def delete(self, res: Resource, namespace: str | None, name: str, uid: str = "") -> bool:
+        """Delete; True if something was deleted, False if it was already gone.
+
+        With `uid`, only that very object is deleted (a precondition the API server
+        checks): another object holding the name raises Conflict and stays.
+        """
+        body: dict[str, Any] = {
+            "kind": "DeleteOptions",
+            "apiVersion": "v1",
+            "propagationPolicy": "Background",
+        }
+        if uid:
+            body["preconditions"] = {"uid": uid}
         try:
-            self.request(
-                "DELETE",
-                res.path(namespace, name),
-                body={
-                    "kind": "DeleteOptions",
-                    "apiVersion": "v1",
-                    "propagationPolicy": "Background",
-                },
-                resource=res.plural,
-            )
+            self.request("DELETE", res.path(namespace, name), body=body, resource=res.plural)
             return True
         except NotFound:
             return False

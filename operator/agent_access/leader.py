@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from .kube import Conflict, Kube, KubeError, Resource
@@ -28,12 +28,18 @@ def _ts(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _parse(text: str | None) -> datetime | None:
-    if not text:
-        return None
-    text = text.rstrip("Z")
-    fmt = "%Y-%m-%dT%H:%M:%S.%f" if "." in text else "%Y-%m-%dT%H:%M:%S"
-    return datetime.strptime(text, fmt).replace(tzinfo=UTC)
+def _record(spec: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The parts of a Lease that show whether its holder is still renewing it."""
+    return tuple(
+        spec.get(k)
+        for k in (
+            "holderIdentity",
+            "renewTime",
+            "acquireTime",
+            "leaseTransitions",
+            "leaseDurationSeconds",
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -44,17 +50,24 @@ class Verdict:
     transitions: int  # leaseTransitions to write
 
 
-def decide(spec: Mapping[str, Any], identity: str, now: datetime) -> Verdict:
+def decide(
+    spec: Mapping[str, Any], identity: str, observed_for: float, lease_seconds: float
+) -> Verdict:
+    """client-go's rule: another holder's lease counts as live only while this process
+    has seen its record change within `lease_seconds` (`observed_for` = seconds, on
+    the local clock, since the record last changed). Times written in the Lease
+    (`renewTime`, a future one included) and its `leaseDurationSeconds` are not
+    trusted: an edited Lease cannot freeze the replicas for longer than one lease."""
     holder = spec.get("holderIdentity") or ""
-    transitions = int(spec.get("leaseTransitions") or 0)
+    try:
+        transitions = int(spec.get("leaseTransitions") or 0)
+    except (TypeError, ValueError):
+        transitions = 0
     if holder == identity:
         return Verdict(True, transitions)
-    renewed = _parse(spec.get("renewTime")) or _parse(spec.get("acquireTime"))
-    duration = timedelta(seconds=int(spec.get("leaseDurationSeconds") or 15))
-    expired = renewed is None or renewed + duration <= now
-    if not holder or expired:
-        return Verdict(True, transitions + (1 if holder else 0))
-    return Verdict(False, transitions)
+    if holder and observed_for < lease_seconds:
+        return Verdict(False, transitions)
+    return Verdict(True, transitions + (1 if holder else 0))
 
 
 class LeaderElector:
@@ -79,13 +92,21 @@ class LeaderElector:
         self.on_lost = on_lost or (lambda: os._exit(1))
         self.leading = threading.Event()
         self._stop = threading.Event()
+        self.monotonic: Callable[[], float] = time.monotonic
+        self._observed: tuple[Any, ...] | None = None
+        self._observed_at = 0.0
 
     def try_acquire(self) -> bool:
         """One attempt to become (or stay) the leader."""
         now = self.clock()
         lease = self.kube.get(LEASES, self.namespace, self.name)
         spec = (lease or {}).get("spec") or {}
-        verdict = decide(spec, self.identity, now)
+        record = _record(spec)
+        if record != self._observed:  # measured locally from when it last changed
+            self._observed, self._observed_at = record, self.monotonic()
+        verdict = decide(
+            spec, self.identity, self.monotonic() - self._observed_at, self.lease_seconds
+        )
         if not verdict.take:
             return False
         new_spec = {
@@ -113,6 +134,7 @@ class LeaderElector:
                 )
         except Conflict:
             return False
+        self._observed, self._observed_at = _record(new_spec), self.monotonic()
         return True
 
     def wait_for_leadership(self) -> None:
@@ -136,6 +158,10 @@ class LeaderElector:
             try:
                 if self.try_acquire():
                     last = time.monotonic()
+                    continue
+                # Someone else's record, live by local observation. As in client-go, a
+                # leader keeps trying until its renew deadline before it gives up.
+                if time.monotonic() - last < self.lease_seconds * 2 / 3:
                     continue
                 log.error("leader election: lost the lease to another instance")
             except KubeError as exc:

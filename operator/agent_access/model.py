@@ -28,6 +28,24 @@ LABEL_TASK_NAME = f"{GROUP}/task-name"
 LABEL_TASK_NAMESPACE = f"{GROUP}/task-namespace"
 FINALIZER = f"{GROUP}/revoke"
 SECRET_TYPE = f"{GROUP}/token"
+#: On the per-task ServiceAccount: the grant's deadline and binding, written only by the
+#: operator (admission refuses everyone else). Restarts read them, never the task status.
+ANNOTATION_EXPIRES_AT = f"{GROUP}/expires-at"
+ANNOTATION_GRANTED_AT = f"{GROUP}/granted-at"
+ANNOTATION_POD_UID = f"{GROUP}/pod-uid"
+ANNOTATION_POLICIES = f"{GROUP}/policies"
+#: Stamped on each AgentTask at admission (MutatingAdmissionPolicy) from the API server's
+#: own record of who created it; clients cannot set or change them.
+ANNOTATION_REQUESTER_USERNAME = f"{GROUP}/requester-username"
+ANNOTATION_REQUESTER_UID = f"{GROUP}/requester-uid"
+ANNOTATION_REQUESTER_GROUPS = f"{GROUP}/requester-groups"
+#: Name prefix of every per-task ServiceAccount (admission policies key on it).
+IDENTITY_PREFIX = "aat-"
+#: Longest duration accepted anywhere (ttl, maxTTL): one year.
+MAX_DURATION_SECONDS = 366 * 24 * 3600
+#: A task's evaluation cost is bounded: requests expanding to more (apiGroup, resource,
+#: verb, name) combinations than this are Denied InvalidSpec.
+MAX_REQUEST_ATOMS = 20_000
 
 
 class Phase(StrEnum):
@@ -55,6 +73,8 @@ class Reason(StrEnum):
     INVALID_SPEC = "InvalidSpec"
     AGENT_NOT_FOUND = "AgentNotFound"
     POD_NOT_FOUND = "PodNotFound"
+    REQUESTER_NOT_ALLOWED = "RequesterNotAllowed"
+    AUDIENCE_NOT_ALLOWED = "AudienceNotAllowed"
     # Expired / Completed / Cancelled
     TTL_EXPIRED = "TTLExpired"
     POD_SUCCEEDED = "PodSucceeded"
@@ -86,3 +106,14 @@ END_PHASE: dict[Reason, Phase] = {
 
 #: Verbs that change objects (used by the write guardrail).
 WRITE_VERBS = frozenset({"create", "update", "patch", "delete", "deletecollection"})
+
+#: The operator's own API: never writable with a grant (a token could write itself a policy).
+OWN_RESOURCES = frozenset(
+    {
+        "agenttasks",
+        "agenttasks/status",
+        "accesspolicies",
+        "clusteraccesspolicies",
+        "agenttaskapprovals",
+    }
+)

@@ -38,6 +38,28 @@ def secret_name(task_name: str, task_uid: str) -> str:
     return f"{base_name(task_name, task_uid)}-token"
 
 
+def reader_name(base: str) -> str:
+    """Role/RoleBinding letting the agent read its own token Secret (and nothing else)."""
+    return f"{base}-token-reader"
+
+
+def names_of(task_name: str, task_uid: str) -> frozenset[str]:
+    """Every object name a task's grant can use: anything else is not the task's."""
+    base = base_name(task_name, task_uid)
+    return frozenset({base, f"{base}-token", reader_name(base)})
+
+
+def is_ours(obj: Mapping[str, Any], task_uid: str) -> bool:
+    """Does this object carry the operator's marks for this very task?"""
+    meta = obj.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    return (
+        labels.get(LABEL_MANAGED_BY) == MANAGED_BY
+        and labels.get(LABEL_TASK_UID) == task_uid
+        and bool(task_uid)
+    )
+
+
 def task_labels(task: Mapping[str, Any]) -> dict[str, str]:
     meta = task["metadata"]
     return {
@@ -92,14 +114,36 @@ def owners_in_task_namespace(
 
 
 def service_account(
-    task: Mapping[str, Any], name: str, owners: list[dict[str, Any]]
+    task: Mapping[str, Any],
+    name: str,
+    owners: list[dict[str, Any]],
+    record: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
+    """The per-task identity. `record` (annotations: deadline, pod, policies) is what a
+    restarted operator reads back, instead of the task's status."""
+    meta = _meta(task, name, task["metadata"]["namespace"], owners)
+    if record:
+        meta["annotations"] = dict(record)
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": _meta(task, name, task["metadata"]["namespace"], owners),
+        "metadata": meta,
         "automountServiceAccountToken": False,
     }
+
+
+def token_reader_role(task: Mapping[str, Any], name: str, secret: str) -> dict[str, Any]:
+    return role(
+        task,
+        task["metadata"]["namespace"],
+        name,
+        (Rule(api_groups=("",), resources=("secrets",), verbs=("get",), resource_names=(secret,)),),
+    )
+
+
+def token_reader_binding(task: Mapping[str, Any], name: str, agent: str) -> dict[str, Any]:
+    ns = task["metadata"]["namespace"]
+    return role_binding(task, ns, name, ns, agent)
 
 
 def role(task: Mapping[str, Any], namespace: str, name: str, rules: tuple[Rule, ...]) -> dict:
@@ -133,16 +177,17 @@ def token_secret(
     expires_at: str,
 ) -> dict[str, Any]:
     """The Secret that carries the token (filled in after TokenRequest)."""
-    body = {
+    meta = _meta(task, name, task["metadata"]["namespace"], owners)
+    meta["annotations"] = {
+        "agentaccess.io/service-account": service_account_name,
+        "agentaccess.io/expires-at": expires_at,
+    }
+    body: dict[str, Any] = {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": SECRET_TYPE,
-        "metadata": _meta(task, name, task["metadata"]["namespace"], owners),
+        "metadata": meta,
         "data": {},
-    }
-    body["metadata"]["annotations"] = {
-        "agentaccess.io/service-account": service_account_name,
-        "agentaccess.io/expires-at": expires_at,
     }
     return body
 

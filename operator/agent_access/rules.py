@@ -9,9 +9,17 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .model import WRITE_VERBS
+from .model import OWN_RESOURCES, WRITE_VERBS
 
 WILDCARD = "*"
+
+
+def _string_list(raw: Any) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list | tuple) or not all(isinstance(v, str) for v in raw):
+        raise ValueError("rule fields must be lists of strings")
+    return tuple(raw)
 
 
 @dataclass(frozen=True)
@@ -25,11 +33,23 @@ class Rule:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Rule:
+        """Raise ValueError for anything but lists of strings."""
+        if not isinstance(raw, Mapping):
+            raise ValueError("a rule must be an object")
         return cls(
-            api_groups=tuple(raw.get("apiGroups") or ()),
-            resources=tuple(raw.get("resources") or ()),
-            verbs=tuple(raw.get("verbs") or ()),
-            resource_names=tuple(raw.get("resourceNames") or ()),
+            api_groups=_string_list(raw.get("apiGroups")),
+            resources=_string_list(raw.get("resources")),
+            verbs=_string_list(raw.get("verbs")),
+            resource_names=_string_list(raw.get("resourceNames")),
+        )
+
+    @property
+    def atom_count(self) -> int:
+        return (
+            len(self.api_groups)
+            * len(self.resources)
+            * len(self.verbs)
+            * max(1, len(self.resource_names))
         )
 
     def to_dict(self) -> dict[str, list[str]]:
@@ -93,8 +113,11 @@ class Guardrails:
     """What no request may hold, whatever a policy says."""
 
     forbidden_verbs: frozenset[str] = frozenset({"escalate", "bind", "impersonate"})
+    #: Any verb starting with one of these (constrained impersonation: impersonate:*,
+    #: impersonate-on:*; and any future verb of the family).
+    forbidden_verb_prefixes: tuple[str, ...] = ("impersonate",)
     forbidden_resources: frozenset[str] = frozenset(
-        {"serviceaccounts/token", "certificatesigningrequests"}
+        {"serviceaccounts/token", "certificatesigningrequests", "pods/ephemeralcontainers"}
     )
     write_protected_resources: frozenset[str] = frozenset(
         {
@@ -106,11 +129,15 @@ class Guardrails:
             "mutatingwebhookconfigurations",
             "validatingwebhookconfigurations",
             "customresourcedefinitions",
+            "namespaces",
+            *OWN_RESOURCES,
         }
     )
     write_verbs: frozenset[str] = field(default=WRITE_VERBS)
     #: When set, the only namespaces the install lets the operator grant into.
     target_namespaces: frozenset[str] | None = None
+    #: Namespaces nothing is ever granted in (the operator's own).
+    protected_namespaces: frozenset[str] = frozenset()
 
     def extended(
         self,
@@ -118,18 +145,26 @@ class Guardrails:
         resources: Iterable[str] = (),
         write_protected: Iterable[str] = (),
         target_namespaces: Iterable[str] | None = None,
+        protected_namespaces: Iterable[str] = (),
     ) -> Guardrails:
         """The defaults plus what an install adds (they can only grow)."""
-        targets = frozenset(target_namespaces) if target_namespaces else self.target_namespaces
+        targets = self.target_namespaces
+        if target_namespaces is not None:
+            wanted = frozenset(target_namespaces)
+            targets = wanted if targets is None else targets & wanted
         return Guardrails(
             forbidden_verbs=self.forbidden_verbs | frozenset(verbs),
+            forbidden_verb_prefixes=self.forbidden_verb_prefixes,
             forbidden_resources=self.forbidden_resources | frozenset(resources),
             write_protected_resources=self.write_protected_resources | frozenset(write_protected),
             write_verbs=self.write_verbs,
             target_namespaces=targets,
+            protected_namespaces=self.protected_namespaces | frozenset(protected_namespaces),
         )
 
     def namespace_violation(self, namespace: str) -> str | None:
+        if namespace in self.protected_namespaces:
+            return "nothing is ever granted in the operator's own namespace"
         if self.target_namespaces is not None and namespace not in self.target_namespaces:
             allowed = ", ".join(sorted(self.target_namespaces))
             return f"this installation may only grant into: {allowed}"
@@ -150,7 +185,7 @@ class Guardrails:
             if any(WILDCARD in v for v in values):
                 return f"wildcard '*' in {name} is never granted"
         for verb in rule.verbs:
-            if verb in self.forbidden_verbs:
+            if verb in self.forbidden_verbs or verb.startswith(self.forbidden_verb_prefixes):
                 return f"verb {verb!r} lets access grow beyond the grant"
         for resource in rule.resources:
             if self._resource_forbidden(resource):
@@ -167,4 +202,6 @@ DEFAULT_GUARDRAILS = Guardrails()
 
 
 def parse_rules(raw: Iterable[Mapping[str, Any]] | None) -> tuple[Rule, ...]:
+    if raw is not None and not isinstance(raw, list | tuple):
+        raise ValueError("rules must be a list")
     return tuple(Rule.from_dict(r) for r in (raw or ()))

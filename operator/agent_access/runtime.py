@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from .engine import TaskSpec, parse_task_spec
-from .model import Phase
-from .objects import base_name, secret_name
-from .rules import Rule, parse_rules
+from .engine import TaskSpec
+from .objects import base_name, reader_name, secret_name
+from .rules import Rule
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +41,18 @@ class NamespaceGrant:
         }
 
 
+#: Kinds of the objects a grant consists of (keys of `LiveGrant.object_uids`).
+ROLE_BINDING, ROLE, SERVICE_ACCOUNT, SECRET = "RoleBinding", "Role", "ServiceAccount", "Secret"
+ObjectRef = tuple[str, str, str]  # (kind, namespace, name)
+
+
 @dataclass(frozen=True)
 class LiveGrant:
-    """Everything needed to revoke a grant without reading the cluster."""
+    """Everything needed to revoke a grant without reading the cluster.
+
+    Built only from facts the operator owns: the task's spec and UID (names derive
+    from them), its own objects and its own decision; never from the task's status.
+    """
 
     namespace: str
     name: str
@@ -58,16 +66,46 @@ class LiveGrant:
     pod_uid: str | None = None
     granted_at: datetime | None = None
     created_at: datetime | None = None
+    #: UID of each object as created (or found and verified): deletions carry it as a
+    #: precondition, so a different object that took the name is never deleted.
+    object_uids: Mapping[ObjectRef, str] = field(default_factory=dict)
 
     @property
     def ref(self) -> str:
         return f"{self.namespace}/{self.name}"
 
+    @property
+    def reader(self) -> str:
+        """Role and RoleBinding that let the agent get exactly this task's token Secret."""
+        return reader_name(self.service_account)
 
-def parse_time(text: str | None) -> datetime | None:
-    if not text:
+    def bindings(self) -> list[ObjectRef]:
+        out = [(ROLE_BINDING, g.namespace, g.binding) for g in self.grants]
+        return [*out, (ROLE_BINDING, self.namespace, self.reader)]
+
+    def identity(self) -> list[ObjectRef]:
+        return [
+            (SERVICE_ACCOUNT, self.namespace, self.service_account),
+            (SECRET, self.namespace, self.secret),
+        ]
+
+    def roles(self) -> list[ObjectRef]:
+        out = [(ROLE, g.namespace, g.role) for g in self.grants]
+        return [*out, (ROLE, self.namespace, self.reader)]
+
+    def objects(self) -> list[ObjectRef]:
+        """In revocation order: bindings (403 at once), identity (401), then Roles."""
+        return self.bindings() + self.identity() + self.roles()
+
+
+def parse_time(text: object) -> datetime | None:
+    """RFC 3339 to an aware datetime; None for anything unparseable (never raises)."""
+    if not isinstance(text, str) or not text:
         return None
-    return datetime.strptime(text[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    try:
+        return datetime.strptime(text[:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    except ValueError:
+        return None
 
 
 def planned_grant(task: Mapping[str, Any], spec: TaskSpec) -> LiveGrant:
@@ -85,42 +123,6 @@ def planned_grant(task: Mapping[str, Any], spec: TaskSpec) -> LiveGrant:
         policies=(),
         expires_at=None,
         created_at=parse_time(meta.get("creationTimestamp")),
-    )
-
-
-def grant_from_task(task: Mapping[str, Any]) -> LiveGrant | None:
-    """Rebuild a live grant from an AgentTask's status (after a restart); None if unusable."""
-    meta = task.get("metadata", {})
-    status = task.get("status") or {}
-    try:
-        spec = parse_task_spec(meta["namespace"], task.get("spec") or {})
-    except (ValueError, KeyError):
-        return None
-    planned = planned_grant(task, spec)
-    if status.get("phase") != Phase.ACTIVE.value:
-        return planned
-    grants = tuple(
-        NamespaceGrant(
-            g.get("namespace", ""),
-            g.get("roleName", planned.service_account),
-            g.get("roleBindingName", planned.service_account),
-            parse_rules(g.get("rules")),
-        )
-        for g in status.get("grants") or ()
-    )
-    return LiveGrant(
-        namespace=planned.namespace,
-        name=planned.name,
-        uid=planned.uid,
-        spec=spec,
-        service_account=status.get("serviceAccountName") or planned.service_account,
-        secret=status.get("tokenSecretName") or planned.secret,
-        grants=grants or planned.grants,
-        policies=tuple(status.get("policies") or ()),
-        expires_at=parse_time(status.get("expiresAt")),
-        pod_uid=status.get("podUID"),
-        granted_at=parse_time(status.get("grantedAt")),
-        created_at=planned.created_at,
     )
 
 

@@ -1,16 +1,20 @@
 """Grant service: gathers facts, asks the engine, issues and revokes.
 
-The kopf handlers call into this module; it calls the adapter (`kube`) and the
-pure core (`engine`, `objects`, `status`). It owns the all-or-nothing issuance
-and the revocation order: bindings first (403 at once), then the identity
-(ServiceAccount, token Secret: 401), then the Roles.
+The kopf handlers call into this module; it calls the adapter (`kube`, through
+`facts` and `owned`) and the pure core (`engine`, `objects`, `status`). It owns
+the all-or-nothing issuance and the revocation order: bindings first (403 at
+once), then the identity (ServiceAccount, token Secret: 401), then the Roles.
+
+What it acts on is what it owns: the task's spec and UID, its own objects and
+its in-memory registry. A task's status is output only: a status written by
+anyone else neither ends a live grant (it is restored) nor revives an ended one.
 """
 
 from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -22,43 +26,41 @@ from .engine import (
     Denied,
     Granted,
     PodFacts,
-    Policy,
     SpecError,
     TaskSpec,
     World,
+    check_guardrails,
     evaluate,
-    parse_policy,
-    parse_task_spec,
+    parse_task,
     reevaluate,
 )
+from .facts import Facts, pod_facts
 from .faults import checkpoint
-from .kube import (
-    ACCESS_POLICIES,
-    AGENT_TASKS,
-    CLUSTER_ACCESS_POLICIES,
-    NAMESPACES,
-    PODS,
-    ROLE_BINDINGS,
-    ROLES,
-    SECRETS,
-    SERVICE_ACCOUNTS,
-    Conflict,
-    Kube,
-    KubeError,
-    NotFound,
-    Resource,
-)
+from .kube import AGENT_TASKS, PODS, SECRETS, SERVICE_ACCOUNTS, Kube, KubeError, NotFound
 from .metrics import Metrics
 from .model import (
+    ANNOTATION_EXPIRES_AT,
+    ANNOTATION_GRANTED_AT,
+    ANNOTATION_POD_UID,
+    ANNOTATION_POLICIES,
     API_VERSION,
-    LABEL_MANAGED_BY,
-    LABEL_TASK_UID,
-    MANAGED_BY,
     Phase,
     Reason,
 )
+from .owned import Owned
 from .rules import DEFAULT_GUARDRAILS, Guardrails
-from .runtime import Deadlines, LiveGrant, NamespaceGrant, Registry, grant_from_task, planned_grant
+from .runtime import (
+    ROLE,
+    ROLE_BINDING,
+    SECRET,
+    SERVICE_ACCOUNT,
+    Deadlines,
+    LiveGrant,
+    NamespaceGrant,
+    ObjectRef,
+    Registry,
+    planned_grant,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,7 @@ def _stub(grant: LiveGrant, generation: int | None = None) -> dict[str, Any]:
             "agent": grant.spec.agent,
             "intent": grant.spec.intent,
             "podName": grant.spec.pod_name,
+            "audiences": list(grant.spec.audiences),
         },
     }
 
@@ -103,39 +106,8 @@ def _requested(spec: TaskSpec) -> list[dict[str, Any]]:
     ]
 
 
-def _namespace_labels(items: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, str]]:
-    """{name: labels} of the namespaces that exist (one being deleted does not)."""
-    return {
-        ns["metadata"]["name"]: ns["metadata"].get("labels") or {}
-        for ns in items
-        if not ns["metadata"].get("deletionTimestamp")
-    }
-
-
-def _is_active(task: Mapping[str, Any]) -> bool:
-    return (task.get("status") or {}).get("phase") == Phase.ACTIVE.value and not task[
-        "metadata"
-    ].get("deletionTimestamp")
-
-
-def _expired(task: Mapping[str, Any], now: datetime) -> bool:
-    from .runtime import parse_time
-
-    expires = parse_time((task.get("status") or {}).get("expiresAt"))
-    return expires is not None and expires <= now
-
-
-def pod_facts(pod: Mapping[str, Any] | None) -> PodFacts | None:
-    if not pod:
-        return None
-    meta, spec = pod.get("metadata", {}), pod.get("spec") or {}
-    return PodFacts(
-        name=meta.get("name", ""),
-        uid=meta.get("uid", ""),
-        service_account=spec.get("serviceAccountName") or spec.get("serviceAccount") or "default",
-        phase=(pod.get("status") or {}).get("phase", ""),
-        deleting=bool(meta.get("deletionTimestamp")),
-    )
+def _requester(spec: TaskSpec | None) -> dict[str, Any] | None:
+    return spec.requester.to_dict() if spec and spec.requester else None
 
 
 def pod_end_reason(pod: PodFacts | None, expected_uid: str | None) -> Reason | None:
@@ -168,104 +140,104 @@ class Service:
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="grant-worker")
         #: For concurrent reads inside one decision (never waits on `pool`).
         self.io = ThreadPoolExecutor(max(8, workers), thread_name_prefix="io")
-        self.deadlines = Deadlines(lambda uid: self.pool.submit(self.on_deadline, uid))
+        self.facts = Facts(kube, self.io)
+        self.owned = Owned(kube)
+        self.deadlines = Deadlines(self._fire)
         self._retry: dict[str, tuple[Reason, str]] = {}
         #: When the operator first received each not-yet-decided task (grant latency).
         self._first_seen: dict[str, datetime] = {}
-        self.ready = False
+        #: Tasks decided for good in this process: no status write can revive them.
+        self.ended: set[str] = set()
+        #: Grants adopted at start-up, re-checked against the cluster when resumed.
+        self.unverified: set[str] = set()
+        #: Grants whose re-check failed on an API error: retried by the timer.
+        self._pending_recheck: set[str] = set()
+        #: End-of-grant statuses that could not be written yet: retried by the timer.
+        self._pending_status: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
         metrics.bind_registry(self.registry, self.clock)
+
+    def _fire(self, uid: str) -> None:
+        self.pool.submit(self.on_deadline, uid)
 
     def close(self) -> None:
         self.deadlines.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.io.shutdown(wait=False, cancel_futures=True)
 
-    # -- facts ---------------------------------------------------------------------
-
-    def _policies(self, namespaces: Iterable[str] | None) -> list[Policy]:
-        if namespaces is None:
-            raw = self.kube.list(ACCESS_POLICIES)
-        else:
-            raw = [p for ns in namespaces for p in self.kube.list(ACCESS_POLICIES, ns)]
-        return self._parse_policies(raw, self.kube.list(CLUSTER_ACCESS_POLICIES))
-
-    @staticmethod
-    def _parse_policies(namespaced: list[dict], cluster: list[dict]) -> list[Policy]:
-        out = []
-        for body in namespaced + [dict(b, kind="ClusterAccessPolicy") for b in cluster]:
-            body.setdefault("kind", "AccessPolicy")
-            try:
-                out.append(parse_policy(body))
-            except SpecError as exc:
-                meta = body.get("metadata", {})
-                log.warning(
-                    "ignoring policy %s/%s: %s", meta.get("namespace"), meta.get("name"), exc
-                )
-        return out
-
-    def _namespaces(self, names: Iterable[str] | None) -> dict[str, dict[str, str]]:
-        if names is None:
-            items = self.kube.list(NAMESPACES)
-        else:
-            items = [ns for n in names if (ns := self.kube.get(NAMESPACES, None, n))]
-        return _namespace_labels(items)
-
-    def gather_world(self, spec: TaskSpec) -> World:
-        """Read every fact the decision needs, concurrently (one round trip, not five)."""
-        targets = spec.target_namespaces
-        submit = self.io.submit
-        namespaces = [submit(self.kube.get, NAMESPACES, None, t) for t in targets]
-        policies = [submit(self.kube.list, ACCESS_POLICIES, t) for t in targets]
-        cluster = submit(self.kube.list, CLUSTER_ACCESS_POLICIES)
-        agent = submit(self.kube.get, SERVICE_ACCOUNTS, spec.namespace, spec.agent)
-        pod = submit(self.kube.get, PODS, spec.namespace, spec.pod_name) if spec.pod_name else None
-        return World(
-            policies=self._parse_policies(
-                [p for f in policies for p in f.result()], cluster.result()
-            ),
-            namespaces=_namespace_labels([ns for f in namespaces if (ns := f.result())]),
-            agent_exists=agent.result() is not None,
-            pod=pod_facts(pod.result()) if pod else None,
-        )
-
     # -- the main reconcile ------------------------------------------------------------
 
     def seen(self, task: Mapping[str, Any]) -> None:
-        """Note when an undecided task was first received (its creationTimestamp has
-        whole-second precision, too coarse for latency)."""
-        if not (task.get("status") or {}).get("phase"):
-            self._first_seen.setdefault(task["metadata"]["uid"], self.clock())
-
-    def reconcile(self, task: Mapping[str, Any]) -> None:
-        """Create, resume or update of an AgentTask: bring it to a correct phase."""
+        """Every watch event of a task. Notes when an undecided task was first received
+        (its creationTimestamp has whole-second precision, too coarse for latency), and
+        puts back the status of a live grant that someone else marked as ended (a
+        status-only change starts no other handler)."""
         phase = (task.get("status") or {}).get("phase")
         uid = task["metadata"]["uid"]
-        if phase in TERMINAL:
-            self.registry.remove(uid)
-            return
-        if phase == Phase.ACTIVE.value:
-            grant = grant_from_task(task)
-            if grant is None:
-                return
-            generation = task["metadata"].get("generation")
-            if self.registry.get(uid) is None:
-                self.registry.add(grant)
-                if grant.expires_at:
-                    self.deadlines.schedule(uid, grant.expires_at)
-            if grant.spec.cancel:
-                self.revoke(grant, Reason.CANCELLED, "cancelled by spec.cancel", generation)
-            else:
+        if not phase:
+            self._first_seen.setdefault(uid, self.clock())
+        elif phase in TERMINAL and not task["metadata"].get("deletionTimestamp"):
+            # Terminal is written only after the registry let go: this one is forged.
+            grant = self.registry.get(uid)
+            if grant is not None:
+                self._restore_status(task, grant)
+
+    def reconcile(self, task: Mapping[str, Any]) -> None:
+        """Create, resume or update of an AgentTask: bring it to a correct phase.
+
+        Whether a grant is live is the registry's word (rebuilt from the operator's own
+        objects at start-up), never the status's.
+        """
+        meta = task["metadata"]
+        uid = meta["uid"]
+        if meta.get("deletionTimestamp"):
+            return  # the delete handler revokes
+        grant = self.registry.get(uid)
+        if grant is not None:
+            if (task.get("spec") or {}).get("cancel") is True:
+                self.revoke(
+                    grant, Reason.CANCELLED, "cancelled by spec.cancel", meta.get("generation")
+                )
+            elif uid in self.unverified:
+                self.unverified.discard(uid)
                 self.recheck(grant)
             return
+        if uid in self.ended:
+            return
+        phase = (task.get("status") or {}).get("phase")
+        if phase in TERMINAL or phase == Phase.ACTIVE.value:
+            # Terminal: nothing to do. "Active" without a live grant here (start-up
+            # adopted every task whose status said so): written by someone else.
+            self.ended.add(uid)
+            return
         self.issue(task)
+
+    def _restore_status(self, task: Mapping[str, Any], grant: LiveGrant) -> None:
+        """Someone else rewrote the status of a live grant: put the truth back."""
+        log.warning("status of %s was changed outside the operator; restoring it", grant.ref)
+        self._write_status(task, self._active_status(task, grant))
+        self._event(
+            task,
+            "Warning",
+            "StatusRestored",
+            "the status was changed outside the operator; the grant is still live",
+            "Restore",
+        )
 
     def recheck(self, grant: LiveGrant) -> None:
         """Verify a live grant against the cluster now; revoke it if it must end."""
         now = self.clock()
-        if grant.expires_at and grant.expires_at <= now:
+        if grant.expires_at is None or grant.expires_at <= now:
             self.revoke(grant, Reason.TTL_EXPIRED, "the TTL ran out")
             return
         spec = grant.spec
+        forbidden = check_guardrails(spec, self.guardrails)
+        if forbidden:
+            self.revoke(
+                grant,
+                Reason.POLICY_CHANGED,
+                f"the installation's guardrails no longer allow it: {forbidden.message}",
+            )
+            return
         if self.kube.get(SERVICE_ACCOUNTS, spec.namespace, spec.agent) is None:
             self.revoke(grant, Reason.AGENT_NOT_FOUND, f"agent ServiceAccount {spec.agent} deleted")
             return
@@ -277,10 +249,10 @@ class Service:
                 return
         targets = [g.namespace for g in grant.grants]
         denied = reevaluate(
-            spec, self._policies(targets), self._namespaces(targets), grant.policies
+            spec, self.facts.policies(targets), self.facts.namespaces(targets), grant.policies
         )
         if denied:
-            self.revoke(grant, denied.reason, denied.message)
+            self.revoke(grant, denied.reason, denied.message, detail=denied.detail)
 
     @staticmethod
     def _pod_message(pod: str, reason: Reason) -> str:
@@ -293,9 +265,8 @@ class Service:
     # -- issuance --------------------------------------------------------------------------
 
     def issue(self, task: Mapping[str, Any]) -> None:
-        meta = task["metadata"]
         try:
-            spec = parse_task_spec(meta["namespace"], task.get("spec") or {})
+            spec = parse_task(task)
         except SpecError as exc:
             self._deny(task, Denied(Reason.INVALID_SPEC, str(exc)), None)
             return
@@ -303,7 +274,7 @@ class Service:
             self._end_unissued(task, spec, Reason.CANCELLED, "cancelled before access was granted")
             return
         generation = self.registry.generation
-        world = self.gather_world(spec)
+        world = self.facts.world(spec)
         decision = evaluate(spec, world, self.clock(), self.guardrails)
         if isinstance(decision, Denied):
             self._deny(task, decision, spec)
@@ -312,9 +283,13 @@ class Service:
 
     def _deny(self, task: Mapping[str, Any], denied: Denied, spec: TaskSpec | None) -> None:
         now = self.clock()
-        self._first_seen.pop(task["metadata"]["uid"], None)
-        self._write_status(task, st.denied(task, denied.reason, denied.message, now))
-        self._event(task, "Warning", denied.reason, denied.message, "Deny")
+        uid = task["metadata"]["uid"]
+        self._first_seen.pop(uid, None)
+        self.ended.add(uid)
+        self._write_status(
+            task, st.denied(task, denied.reason, denied.message, now, _requester(spec))
+        )
+        self._event(task, "Warning", denied.reason, denied.message, "Deny", spec)
         self.audit.write(
             audit.record(
                 "denied",
@@ -322,7 +297,9 @@ class Service:
                 reason=denied.reason,
                 phase=Phase.DENIED,
                 message=denied.message,
-                requested=_requested(spec) if spec else task.get("spec", {}).get("access") or [],
+                detail=denied.detail or None,
+                requested=_requested(spec) if spec else [],
+                requester=_requester(spec),
                 ended_at=st.rfc3339(now),
                 now=now,
             )
@@ -331,9 +308,11 @@ class Service:
 
     def _end_unissued(self, task: Mapping[str, Any], spec: TaskSpec, reason: Reason, msg: str):
         now = self.clock()
-        self._first_seen.pop(task["metadata"]["uid"], None)
-        self._write_status(task, st.ended(task, reason, msg, now))
-        self._event(task, "Normal", reason, msg, "Revoke")
+        uid = task["metadata"]["uid"]
+        self._first_seen.pop(uid, None)
+        self.ended.add(uid)
+        self._write_status(task, st.ended(task, reason, msg, now, _requester(spec)))
+        self._event(task, "Normal", reason, msg, "Revoke", spec)
         self.audit.write(
             audit.record(
                 "ended",
@@ -342,63 +321,78 @@ class Service:
                 phase=st.END_PHASE[reason],
                 message=msg,
                 requested=_requested(spec),
+                requester=_requester(spec),
                 ended_at=st.rfc3339(now),
                 now=now,
             )
         )
 
-    def _create_afresh(self, res: Resource, namespace: str, body: dict[str, Any]) -> dict:
-        """Create; an object of that name left by an interrupted attempt is replaced."""
-        try:
-            return self.kube.create(res, namespace, body)
-        except Conflict:
-            self.kube.delete(res, namespace, body["metadata"]["name"])
-            return self.kube.create(res, namespace, body)
-
     def _create_objects(
         self, task: Mapping[str, Any], plan: LiveGrant, decision: Granted, pod: PodFacts | None
-    ) -> None:
-        """Create every object of the grant; raise KubeError on the first failure."""
-        ns = plan.namespace
+    ) -> dict[ObjectRef, str]:
+        """Create every object of the grant; raise KubeError on the first failure.
+
+        Returns the UID of each object created (revocation deletes exactly those).
+        """
+        ns, uid = plan.namespace, plan.uid
+        created: dict[ObjectRef, str] = {}
+
+        def make(kind: str, body: dict[str, Any]) -> dict[str, Any]:
+            obj = self.owned.create(kind, body, uid)
+            meta = body["metadata"]
+            created[(kind, meta["namespace"], meta["name"])] = obj["metadata"]["uid"]
+            return obj
+
         owners = objects.owners_in_task_namespace(task, (pod.name, pod.uid) if pod else None)
-        self._create_afresh(
-            SERVICE_ACCOUNTS, ns, objects.service_account(task, plan.service_account, owners)
-        )
-        checkpoint("issue:serviceaccount")
-        for g in plan.grants:
-            self._create_afresh(
-                ROLES, g.namespace, objects.role(task, g.namespace, g.role, g.rules)
+        record = {
+            ANNOTATION_EXPIRES_AT: st.rfc3339(decision.expires_at),
+            ANNOTATION_GRANTED_AT: st.rfc3339(decision.granted_at),
+            ANNOTATION_POLICIES: ",".join(decision.policy_keys),
+        }
+        if pod:
+            record[ANNOTATION_POD_UID] = pod.uid
+        try:
+            make(
+                SERVICE_ACCOUNT,
+                objects.service_account(task, plan.service_account, owners, record),
             )
-            checkpoint("issue:role")
-            self._create_afresh(
-                ROLE_BINDINGS,
-                g.namespace,
-                objects.role_binding(task, g.namespace, g.binding, ns, plan.service_account),
+            checkpoint("issue:serviceaccount")
+            for g in plan.grants:
+                make(ROLE, objects.role(task, g.namespace, g.role, g.rules))
+                checkpoint("issue:role")
+                make(
+                    ROLE_BINDING,
+                    objects.role_binding(task, g.namespace, g.binding, ns, plan.service_account),
+                )
+                checkpoint("issue:rolebinding")
+            expires = st.rfc3339(decision.expires_at)
+            secret = make(
+                SECRET,
+                objects.token_secret(task, plan.secret, owners, plan.service_account, expires),
             )
-            checkpoint("issue:rolebinding")
-        expires = st.rfc3339(decision.expires_at)
-        secret = self._create_afresh(
-            SECRETS,
-            ns,
-            objects.token_secret(task, plan.secret, owners, plan.service_account, expires),
-        )
-        checkpoint("issue:secret")
-        token, _ = self.kube.request_token(
-            ns,
-            plan.service_account,
-            objects.token_seconds(int(decision.ttl.total_seconds())),
-            plan.spec.audiences,
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "name": plan.secret,
-                "uid": secret["metadata"]["uid"],
-            },
-        )
-        encoded = base64.b64encode(token.encode()).decode()
-        del token
-        self.kube.merge_patch(SECRETS, ns, plan.secret, {"data": {"token": encoded}})
-        checkpoint("issue:token")
+            checkpoint("issue:secret")
+            make(ROLE, objects.token_reader_role(task, plan.reader, plan.secret))
+            make(ROLE_BINDING, objects.token_reader_binding(task, plan.reader, plan.spec.agent))
+            token, _ = self.kube.request_token(
+                ns,
+                plan.service_account,
+                objects.token_seconds(int(decision.ttl.total_seconds())),
+                plan.spec.audiences,
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "name": plan.secret,
+                    "uid": secret["metadata"]["uid"],
+                },
+            )
+            encoded = base64.b64encode(token.encode()).decode()
+            del token
+            self.kube.merge_patch(SECRETS, ns, plan.secret, {"data": {"token": encoded}})
+            checkpoint("issue:token")
+        except KubeError:
+            self.delete_objects(replace(plan, object_uids=created))
+            raise
+        return created
 
     def _grant(
         self,
@@ -421,10 +415,9 @@ class Service:
             pod_uid=world.pod.uid if world.pod else None,
         )
         try:
-            self._create_objects(task, plan, decision, world.pod)
+            plan = replace(plan, object_uids=self._create_objects(task, plan, decision, world.pod))
         except KubeError as exc:
             log.warning("issuing %s failed: %s", plan.ref, exc)
-            self.delete_objects(plan)
             self._end_unissued(task, spec, Reason.ISSUE_FAILED, f"could not issue the grant: {exc}")
             self.metrics.issue_failed()
             return
@@ -432,20 +425,7 @@ class Service:
         self.registry.add(plan)
         self.deadlines.schedule(uid, decision.expires_at)
         now = self.clock()
-        message = decision.summary()
-        new_status = st.active(
-            task,
-            message,
-            plan.service_account,
-            plan.secret,
-            decision.granted_at,
-            decision.expires_at,
-            decision.policy_keys,
-            [g.to_status() for g in plan.grants],
-            now,
-        )
-        if plan.pod_uid:
-            new_status["podUID"] = plan.pod_uid
+        new_status = self._active_status(task, plan)
         # The audit line goes first (write-ahead): a token exists now. A crash from here
         # on can repeat the line, never lose it.
         self.audit.write(
@@ -454,8 +434,9 @@ class Service:
                 task,
                 reason=Reason.POLICY_ALLOWED,
                 phase=Phase.ACTIVE,
-                message=message,
+                message=new_status["message"],
                 requested=_requested(spec),
+                requester=_requester(spec),
                 granted=[g.to_status() for g in plan.grants],
                 policies=[
                     {"name": p.key, "kind": p.kind, "resourceVersion": p.resource_version}
@@ -479,44 +460,71 @@ class Service:
                 raise
             return
         checkpoint("issue:status")
-        self._event(task, "Normal", Reason.POLICY_ALLOWED, message, "Grant")
+        self._event(task, "Normal", Reason.POLICY_ALLOWED, new_status["message"], "Grant", spec)
         self.metrics.granted(self._first_seen.pop(uid, None) or plan.created_at, now)
-        # Something that may end grants (a pod finishing, a policy or agent change; each
-        # bumps the generation before it looks at the registry) happened while we were
-        # issuing: check now. Otherwise the handlers will see this grant in the registry.
+        # Something that may end grants (a pod finishing, a policy, namespace or agent
+        # change; each bumps the generation before it looks at the registry) happened
+        # while we were issuing: check now. Otherwise the handlers see it in the registry.
         if self.registry.generation != generation:
-            live = self.registry.get(uid)
-            if live:
-                self.recheck(live)
+            self._recheck_soon(uid)
+
+    def _recheck_soon(self, uid: str) -> None:
+        """Re-check a live grant now; if the API fails, again shortly (never lost)."""
+        live = self.registry.get(uid)
+        if live is None:
+            return
+        try:
+            self.recheck(live)
+        except KubeError as exc:
+            log.warning("re-checking %s failed (%s); again shortly", live.ref, exc)
+            self._pending_recheck.add(uid)
+            self.deadlines.schedule(uid, self.clock() + RETRY_DELAY)
+
+    def _active_status(self, task: Mapping[str, Any], grant: LiveGrant) -> dict[str, Any]:
+        assert grant.granted_at and grant.expires_at
+        rules = sum(len(g.rules) for g in grant.grants)
+        where = ", ".join(sorted({g.namespace for g in grant.grants}))
+        message = (
+            f"granted {rules} rule{'s' if rules != 1 else ''} in {where} until "
+            f"{st.rfc3339(grant.expires_at)} by {', '.join(grant.policies)}"
+        )
+        new_status = st.active(
+            task,
+            message,
+            grant.service_account,
+            grant.secret,
+            grant.granted_at,
+            grant.expires_at,
+            list(grant.policies),
+            [g.to_status() for g in grant.grants],
+            self.clock(),
+            _requester(grant.spec),
+        )
+        if grant.pod_uid:
+            new_status["podUID"] = grant.pod_uid
+        return new_status
 
     @staticmethod
     def _object_list(grant: LiveGrant) -> list[dict[str, str]]:
-        out = [
-            {"kind": "ServiceAccount", "namespace": grant.namespace, "name": grant.service_account},
-            {"kind": "Secret", "namespace": grant.namespace, "name": grant.secret},
-        ]
-        for g in grant.grants:
-            out.append({"kind": "Role", "namespace": g.namespace, "name": g.role})
-            out.append({"kind": "RoleBinding", "namespace": g.namespace, "name": g.binding})
-        return out
+        return [{"kind": k, "namespace": ns, "name": n} for k, ns, n in grant.objects()]
 
     # -- revocation --------------------------------------------------------------------------
 
     def delete_objects(self, grant: LiveGrant) -> datetime:
         """Bindings first (requests fail with 403 at once), then the identity, then Roles.
 
-        Returns when the bindings were gone.
+        Only the task's own objects are deleted (see `owned`). Returns when the
+        bindings were gone.
         """
-        for g in grant.grants:
-            self.kube.delete(ROLE_BINDINGS, g.namespace, g.binding)
+        self.owned.delete_grant_part(grant, grant.bindings())
         bindings_gone = self.clock()
         checkpoint("revoke:rolebindings")
-        self.kube.delete(SERVICE_ACCOUNTS, grant.namespace, grant.service_account)
+        sa, secret = grant.identity()
+        self.owned.delete_grant_part(grant, [sa])
         checkpoint("revoke:serviceaccount")
-        self.kube.delete(SECRETS, grant.namespace, grant.secret)
+        self.owned.delete_grant_part(grant, [secret])
         checkpoint("revoke:secret")
-        for g in grant.grants:
-            self.kube.delete(ROLES, g.namespace, g.role)
+        self.owned.delete_grant_part(grant, grant.roles())
         checkpoint("revoke:roles")
         return bindings_gone
 
@@ -528,6 +536,7 @@ class Service:
         generation: int | None = None,
         write_status: bool = True,
         triggered_at: datetime | None = None,
+        detail: str = "",
     ) -> bool:
         """End a live grant once, whatever raced to end it. True if this call ended it."""
         triggered_at = triggered_at or self.clock()
@@ -541,7 +550,10 @@ class Service:
                 self._retry[grant.uid] = (reason, message)
                 self.deadlines.schedule(grant.uid, self.clock() + RETRY_DELAY)
                 return False
+            self.ended.add(grant.uid)
             self.registry.remove(grant.uid)
+            self.unverified.discard(grant.uid)
+            self._pending_recheck.discard(grant.uid)
             self.deadlines.cancel(grant.uid)
             self._retry.pop(grant.uid, None)
         now = self.clock()
@@ -554,7 +566,9 @@ class Service:
                 reason=reason,
                 phase=st.END_PHASE[reason],
                 message=message,
+                detail=detail or None,
                 requested=_requested(grant.spec),
+                requester=_requester(grant.spec),
                 granted=[g.to_status() for g in grant.grants],
                 policies=[{"name": p} for p in grant.policies],
                 objects=self._object_list(grant),
@@ -566,42 +580,55 @@ class Service:
             )
         )
         if write_status:
-            try:
-                self._write_status(stub, st.ended(stub, reason, message, now))
-            except NotFound:
-                pass
-            except KubeError as exc:
-                log.warning("could not record the end of %s: %s", grant.ref, exc)
+            self._record_end(stub, st.ended(stub, reason, message, now))
             checkpoint("revoke:status")
-        self._event(stub, "Normal", reason, message, "Revoke")
+        self._event(stub, "Normal", reason, message, "Revoke", grant.spec)
         self.registry.forget_lock(grant.uid)
         return True
 
-    def revoke_many(self, items: list[tuple[LiveGrant, Reason, str]]) -> None:
+    def revoke_many(self, items: list[tuple[LiveGrant, Reason, str, str]]) -> None:
         """Revoke in parallel; bindings of every grant go before any other deletion."""
         if not items:
             return
         triggered = self.clock()
-        for grant, _, _ in items:  # 403 for all of them first
-            for g in grant.grants:
-                self.pool.submit(self.kube.delete, ROLE_BINDINGS, g.namespace, g.binding)
+        for grant, _, _, _ in items:  # 403 for all of them first
+            self.pool.submit(self.owned.delete_grant_part, grant, grant.bindings())
         futures = [
-            self.pool.submit(self.revoke, g, r, m, None, True, triggered) for g, r, m in items
+            self.pool.submit(self.revoke, g, r, m, None, True, triggered, d) for g, r, m, d in items
         ]
         for f in futures:
             f.result()
+
+    def _record_end(self, stub: dict[str, Any], status: dict[str, Any]) -> None:
+        """Write an ended grant's status; on an API error, again shortly."""
+        uid = stub["metadata"]["uid"]
+        try:
+            self._write_status(stub, status)
+        except NotFound:
+            pass
+        except KubeError as exc:
+            log.warning("could not record the end of %s (%s); again shortly", uid, exc)
+            self._pending_status[uid] = (stub, status)
+            self.deadlines.schedule(uid, self.clock() + RETRY_DELAY)
 
     # -- triggers ------------------------------------------------------------------------------
 
     def on_deadline(self, uid: str) -> None:
         grant = self.registry.get(uid)
         if grant is None:
+            pending = self._pending_status.pop(uid, None)
+            if pending:
+                self._record_end(*pending)
             return
         retry = self._retry.get(uid)
         if retry:
             self.revoke(grant, *retry)
         elif grant.expires_at and grant.expires_at <= self.clock() + timedelta(milliseconds=50):
             self.revoke(grant, Reason.TTL_EXPIRED, "the TTL ran out", triggered_at=grant.expires_at)
+        elif uid in self._pending_recheck:
+            self._pending_recheck.discard(uid)
+            self.deadlines.schedule(uid, grant.expires_at or self.clock())
+            self._recheck_soon(uid)
         elif grant.expires_at:
             self.deadlines.schedule(uid, grant.expires_at)
 
@@ -636,85 +663,73 @@ class Service:
             self._reevaluate(affected)
 
     def on_namespace_change(self, name: str) -> None:
+        self.registry.bump()  # a grant being issued into it right now re-checks too
         affected = self.registry.for_target([name])
         if affected:
             self._reevaluate(affected)
 
     def _reevaluate(self, grants: list[LiveGrant]) -> None:
         targets = sorted({g.namespace for grant in grants for g in grant.grants})
-        policies = self._policies(targets if len(targets) <= 3 else None)
-        namespaces = self._namespaces(targets if len(targets) <= 3 else None)
+        policies = self.facts.policies(targets if len(targets) <= 3 else None)
+        namespaces = self.facts.namespaces(targets if len(targets) <= 3 else None)
         ending = []
         for grant in grants:
-            denied = reevaluate(grant.spec, policies, namespaces, grant.policies)
+            try:
+                denied = reevaluate(grant.spec, policies, namespaces, grant.policies)
+            except Exception:  # one grant's trouble never spares the others
+                log.exception("re-evaluating %s failed; revoking it", grant.ref)
+                denied = Denied(Reason.POLICY_CHANGED, "policies changed; could not re-evaluate")
             if denied:
-                ending.append((grant, denied.reason, denied.message))
+                ending.append((grant, denied.reason, denied.message, denied.detail))
         self.revoke_many(ending)
 
     def on_task_deleted(self, task: Mapping[str, Any]) -> None:
         meta = task["metadata"]
+        uid = meta["uid"]
         phase = (task.get("status") or {}).get("phase")
-        grant = self.registry.get(meta["uid"])
-        self._first_seen.pop(meta["uid"], None)
+        grant = self.registry.get(uid)
+        self._first_seen.pop(uid, None)
         message = "the AgentTask was deleted"
         if grant is not None:
             self.revoke(grant, Reason.TASK_DELETED, message, write_status=False)
-            return
-        # Not live here: remove whatever an interrupted issuance may have left.
-        leftover = grant_from_task(task)
-        if leftover is not None and phase not in TERMINAL:
-            self.delete_objects(leftover)
-        self._event(task, "Normal", Reason.TASK_DELETED, message, "Delete")
-        self.audit.write(
-            audit.record(
-                "deleted",
-                task,
-                reason=Reason.TASK_DELETED,
-                phase=phase or Phase.PENDING,
-                message=message,
-                requested=task.get("spec", {}).get("access") or [],
-                ended_at=st.rfc3339(self.clock()),
+        else:
+            # Not live here: remove whatever an interrupted issuance may have left
+            # (only objects that prove to be this task's).
+            try:
+                spec = parse_task(task)
+            except SpecError:
+                spec = None
+            if spec is not None:
+                self.delete_objects(planned_grant(task, spec))
+            self._event(task, "Normal", Reason.TASK_DELETED, message, "Delete", spec)
+            self.audit.write(
+                audit.record(
+                    "deleted",
+                    task,
+                    reason=Reason.TASK_DELETED,
+                    phase=phase if phase in TERMINAL else Phase.PENDING,
+                    message=message,
+                    requested=_requested(spec) if spec else [],
+                    requester=_requester(spec),
+                    ended_at=st.rfc3339(self.clock()),
+                )
             )
-        )
+        self.ended.discard(uid)
+
+    def on_task_gone(self, task: Mapping[str, Any]) -> None:
+        """The task vanished without passing the finalizer (an admin removed it):
+        a live grant still ends."""
+        grant = self.registry.get(task["metadata"]["uid"])
+        if grant is not None:
+            self.on_task_deleted(task)
+        self.ended.discard(task["metadata"]["uid"])
 
     # -- start-up ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Before watching: end grants that expired while the operator was down, at once,
-        and delete objects we created whose task is gone or no longer Active."""
-        tasks = self.kube.list(AGENT_TASKS)
-        now = self.clock()
-        for task in tasks:
-            grant = grant_from_task(task) if _is_active(task) else None
-            if grant and grant.expires_at and grant.expires_at <= now:
-                self.registry.add(grant)
-                self.revoke(
-                    grant,
-                    Reason.TTL_EXPIRED,
-                    "the TTL ran out while the operator was down",
-                    triggered_at=grant.expires_at,
-                )
-        self.sweep_orphans(tasks)
+        from .recovery import recover
 
-    def sweep_orphans(self, tasks: list[dict[str, Any]] | None = None) -> int:
-        """Delete objects we created whose task is gone or no longer Active."""
-        tasks = self.kube.list(AGENT_TASKS) if tasks is None else tasks
-        live = {
-            t["metadata"]["uid"] for t in tasks if _is_active(t) and not _expired(t, self.clock())
-        }
-        selector = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
-        removed = 0
-        for res in (ROLE_BINDINGS, SERVICE_ACCOUNTS, ROLES):
-            for obj in self.kube.list(res, None, label_selector=selector):
-                m = obj["metadata"]
-                if (m.get("labels") or {}).get(LABEL_TASK_UID) in live:
-                    continue
-                removed += self.kube.delete(res, m["namespace"], m["name"])
-                if res is SERVICE_ACCOUNTS:  # its token Secret shares the name
-                    self.kube.delete(SECRETS, m["namespace"], f"{m['name']}-token")
-        if removed:
-            log.info("removed %d orphaned objects", removed)
-        return removed
+        recover(self)
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -724,7 +739,18 @@ class Service:
             AGENT_TASKS, meta["namespace"], meta["name"], {"status": _compact(status)}, "status"
         )
 
-    def _event(self, task: Mapping[str, Any], kind: str, reason: str, message: str, action: str):
+    def _event(
+        self,
+        task: Mapping[str, Any],
+        kind: str,
+        reason: str,
+        message: str,
+        action: str,
+        spec: TaskSpec | None = None,
+    ) -> None:
+        requester = spec.requester.username if spec and spec.requester else None
+        if requester:
+            message = f"{message} (requester {requester})"
         try:
             self.kube.post_event(task, kind, str(reason), message, action)
         except KubeError as exc:

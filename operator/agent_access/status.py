@@ -44,20 +44,32 @@ def set_condition(
             "status": value,
             "reason": reason,
             "message": message,
-            "lastTransitionTime": rfc3339(now) if changed else previous["lastTransitionTime"],
+            "lastTransitionTime": rfc3339(now)
+            if changed or previous is None
+            else previous.get("lastTransitionTime") or rfc3339(now),
             "observedGeneration": generation,
         }
     )
     return out
 
 
-def _base(task: Mapping[str, Any]) -> tuple[dict[str, Any], int | None]:
+def _base(
+    task: Mapping[str, Any], requester: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], int | None]:
     status = dict(task.get("status") or {})
+    if requester:
+        status["requester"] = dict(requester)
     return status, task.get("metadata", {}).get("generation")
 
 
-def denied(task: Mapping[str, Any], reason: Reason, message: str, now: datetime) -> dict:
-    status, generation = _base(task)
+def denied(
+    task: Mapping[str, Any],
+    reason: Reason,
+    message: str,
+    now: datetime,
+    requester: Mapping[str, Any] | None = None,
+) -> dict:
+    status, generation = _base(task, requester)
     status.update(
         phase=Phase.DENIED.value,
         reason=reason.value,
@@ -81,8 +93,9 @@ def active(
     policies: list[str],
     grants: list[dict[str, Any]],
     now: datetime,
+    requester: Mapping[str, Any] | None = None,
 ) -> dict:
-    status, generation = _base(task)
+    status, generation = _base(task, requester)
     status.update(
         phase=Phase.ACTIVE.value,
         reason=Reason.POLICY_ALLOWED.value,
@@ -101,9 +114,15 @@ def active(
     return status
 
 
-def ended(task: Mapping[str, Any], reason: Reason, message: str, now: datetime) -> dict:
+def ended(
+    task: Mapping[str, Any],
+    reason: Reason,
+    message: str,
+    now: datetime,
+    requester: Mapping[str, Any] | None = None,
+) -> dict:
     """A grant that was live (or being issued) has ended; the record stays for audit."""
-    status, generation = _base(task)
+    status, generation = _base(task, requester)
     status.update(
         phase=END_PHASE[reason].value,
         reason=reason.value,

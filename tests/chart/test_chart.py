@@ -179,7 +179,9 @@ def test_every_value_is_documented():
 def crd_schemas() -> dict[str, dict]:
     out = {}
     for path in (ROOT / "crds").glob("*.yaml"):
-        crd = yaml.safe_load(path.read_text())
+        crd = next(yaml.safe_load_all(path.read_text()))
+        if crd["kind"] != "CustomResourceDefinition":
+            continue
         out[crd["spec"]["names"]["kind"]] = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     return out
 
@@ -209,7 +211,30 @@ def test_examples_fit_the_crds(path):
 
 def test_chart_crds_are_the_generated_ones():
     for path in (ROOT / "crds").glob("*.yaml"):
-        assert (CHART / "files" / "crds" / path.name).read_text() == path.read_text()
+        folder = "admission" if path.name == "admission-policies.yaml" else "crds"
+        assert (CHART / "files" / folder / path.name).read_text() == path.read_text()
+
+
+def test_admission_policies_name_the_releases_own_identity():
+    """The chart renders crds/admission-policies.yaml with its own ServiceAccount and
+    namespace in place of the default install's."""
+    rendered = docs(render("--namespace", "platform-access", "--set", "serviceAccount.name=broker"))
+    policies = [d for d in rendered if d["kind"].endswith("AdmissionPolicy")]
+    kinds = {d["kind"] for d in rendered if "Admission" in d["kind"]}
+    assert kinds == {
+        "MutatingAdmissionPolicy",
+        "MutatingAdmissionPolicyBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
+    }
+    text = yaml.safe_dump(policies)
+    assert "system:serviceaccount:platform-access:broker" in text
+    assert "agent-access-system" not in text
+    assert not [
+        d
+        for d in docs(render("--set", "admissionPolicies.enabled=false"))
+        if "Admission" in d["kind"]
+    ]
 
 
 def test_monitoring_extras_render():

@@ -52,6 +52,39 @@ def apply_crds(kubeconfig: str) -> None:
         env=env,
         stdout=subprocess.DEVNULL,
     )
+    wait_for_admission(admin(kubeconfig))
+
+
+def wait_for_admission(kube: Kube, timeout: float = 90) -> None:
+    """The MutatingAdmissionPolicy on AgentTasks learns a new CRD's type with a delay
+    (the API server answers 503 until then): wait until a dry-run create passes."""
+    body = {
+        "apiVersion": "agentaccess.io/v1alpha1",
+        "kind": "AgentTask",
+        "metadata": {"name": "admission-ready"},
+        "spec": {
+            "agent": "x",
+            "intent": "probe",
+            "access": [{"rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]}],
+        },
+    }
+
+    def ready() -> bool:
+        try:
+            kube.request(
+                "POST",
+                AGENT_TASKS.path("default"),
+                body=body,
+                query=[("dryRun", "All")],
+                resource="agenttasks",
+            )
+            return True
+        except KubeError as exc:
+            if exc.status != 503:
+                raise
+            return False
+
+    wait_for(ready, timeout, 0.5, "the admission policies to know AgentTasks")
 
 
 def admin(kubeconfig: str) -> Kube:
@@ -59,6 +92,18 @@ def admin(kubeconfig: str) -> Kube:
     kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=config)
     config.connection_pool_maxsize = 16
     return Kube(kubernetes.client.ApiClient(config), retries=3)
+
+
+def as_user(kubeconfig: str, user: str, groups: tuple[str, ...] = ()) -> Kube:
+    """The admin client impersonating someone (a person, or a ServiceAccount by its
+    username): RBAC and admission see that identity, exactly as for its own requests."""
+    config = kubernetes.client.Configuration()
+    kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=config)
+    client = kubernetes.client.ApiClient(config)
+    client.set_default_header("Impersonate-User", user)
+    for group in groups:  # the client keeps one value per header: the last group wins
+        client.set_default_header("Impersonate-Group", group)
+    return Kube(client, retries=0)
 
 
 def as_token(kubeconfig: str, token: str) -> Kube:

@@ -229,7 +229,8 @@ def test_pod_running_as_another_service_account(world, scene):
 def test_target_namespace_does_not_exist(world, scene):
     agents, _, _ = scene
     st = deny(world, agents, [{"namespace": "does-not-exist-x1", "rules": READ_PODS}])
-    assert st["reason"] == "InvalidSpec" and "does-not-exist-x1" in st["message"]
+    # answered like a namespace no policy governs: the requester learns nothing more
+    assert st["reason"] == "NoMatchingPolicy" and "does-not-exist-x1" in st["message"]
 
 
 def test_require_pod(world, operator):

@@ -72,3 +72,50 @@ def test_only_the_leader_acts_and_a_standby_takes_over(world, solo):
     assert (
         world.wait_phase(agents, before, "Expired", timeout=15)["status"]["reason"] == "TTLExpired"
     )
+
+
+def test_an_edited_lease_does_not_freeze_the_replicas(world, solo):
+    """Someone writes the Lease: another holder, renewTime a year ahead, a huge
+    leaseDurationSeconds. The leader steps down; a standby leads again within one
+    lease of its own (local time), instead of waiting for the written time."""
+    from datetime import UTC, datetime, timedelta
+
+    from agent_access.leader import LEASES
+
+    lease_ns = world.namespace("lease")
+    lease_id = unique("aao")
+    args = [
+        "--leader-elect",
+        "--leader-election-namespace",
+        lease_ns,
+        "--leader-election-id",
+        lease_id,
+        "--lease-duration",
+        str(LEASE_SECONDS),
+        "--lease-retry",
+        str(RETRY_SECONDS),
+    ]
+    first = solo(args=args)
+    wait_for(lambda: role(first) == "ok", 10, what="first instance leads")
+    second = solo(args=args)
+    lease = world.kube.get(LEASES, lease_ns, lease_id)
+    future = (datetime.now(UTC) + timedelta(days=365)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    lease["spec"].update(
+        holderIdentity="attacker",
+        renewTime=future,
+        acquireTime=future,
+        leaseDurationSeconds=10**9,
+    )
+    edited = time.monotonic()
+    world.kube.request("PUT", LEASES.path(lease_ns, lease_id), body=lease, resource="leases")
+    wait_for(
+        lambda: (
+            "ok" in (role(first), role(second))
+            and world.kube.get(LEASES, lease_ns, lease_id)["spec"]["holderIdentity"] != "attacker"
+        ),
+        LEASE_SECONDS * 3 + 10,
+        0.1,
+        what="a replica leads again",
+    )
+    record_timing("edited lease -> a replica leads again", time.monotonic() - edited)
+    assert time.monotonic() - edited < 2 * LEASE_SECONDS + 4 * RETRY_SECONDS + 5

@@ -17,6 +17,7 @@ from .cluster import (
     poll_status,
     record_timing,
     unique,
+    wait_for_admission,
 )
 
 READ = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
@@ -69,6 +70,11 @@ def test_apiserver_outage(world, operator, own_controlplane):
     assert world.task_objects(tasks["short"]) == []
     # the live grant survived, and the operator still reacts to new work
     assert list_pods_status(clients["long"], target) == 200
+    # the API server's MutatingAdmissionPolicy on AgentTasks learns the CRD's type anew
+    # after a restart (503 until then): measured, and waited for
+    started = time.monotonic()
+    wait_for_admission(world.kube)
+    record_timing("outage: API back -> AgentTask creates admitted", time.monotonic() - started)
     name = unique("after")
     world.task(agents, name, "bot", [{"namespace": target, "rules": READ}])
     world.wait_phase(agents, name, "Active", timeout=15)

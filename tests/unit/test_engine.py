@@ -105,7 +105,8 @@ def test_default_ttl_is_15m_and_clamped_by_max_ttl():
             ["payments", "delete pods"],
         ),
         (spec(ns="shop"), Reason.NO_MATCHING_POLICY, ["shop", "pods"]),
-        (spec(ns="nowhere"), Reason.INVALID_SPEC, ["nowhere", "does not exist"]),
+        # no oracle: a namespace that does not exist reads like one no policy governs
+        (spec(ns="nowhere"), Reason.NO_MATCHING_POLICY, ["nowhere", "no AccessPolicy"]),
         (
             spec(rules=[{"apiGroups": [""], "resources": ["pods"], "verbs": ["*"]}]),
             Reason.FORBIDDEN,

@@ -17,34 +17,41 @@ def ts(delta_s: float) -> str:
 
 
 def test_free_lease_is_taken():
-    assert lease({}, "me", NOW).take
-    assert lease({"holderIdentity": ""}, "me", NOW).take
+    assert lease({}, "me", 0, 15).take
+    assert lease({"holderIdentity": ""}, "me", 0, 15).take
 
 
 def test_own_lease_is_renewed_and_transitions_kept():
-    v = lease({"holderIdentity": "me", "renewTime": ts(-1), "leaseTransitions": 3}, "me", NOW)
+    v = lease({"holderIdentity": "me", "renewTime": ts(-1), "leaseTransitions": 3}, "me", 0, 15)
     assert v.take and v.transitions == 3
 
 
 def test_live_lease_of_another_is_respected():
+    """Live = its record changed less than a lease ago, on our own clock."""
     v = lease(
-        {"holderIdentity": "other", "renewTime": ts(-5), "leaseDurationSeconds": 15}, "me", NOW
+        {"holderIdentity": "other", "renewTime": ts(-50), "leaseDurationSeconds": 15}, "me", 5, 15
     )
     assert not v.take
 
 
 def test_expired_lease_of_another_is_taken_over():
-    v = lease(
-        {
-            "holderIdentity": "other",
-            "renewTime": ts(-16),
-            "leaseDurationSeconds": 15,
-            "leaseTransitions": 1,
-        },
-        "me",
-        NOW,
-    )
+    spec = {"holderIdentity": "other", "renewTime": ts(-16), "leaseTransitions": 1}
+    v = lease(spec, "me", 16, 15)
     assert v.take and v.transitions == 2
+
+
+def test_a_renew_time_in_the_future_is_not_trusted():
+    """An edited Lease (renewTime a year ahead, a huge leaseDurationSeconds) freezes the
+    standbys for one lease of their own, not until that time."""
+    spec = {
+        "holderIdentity": "attacker",
+        "renewTime": ts(365 * 86400),
+        "leaseDurationSeconds": 10**9,
+        "leaseTransitions": "garbage",
+    }
+    assert not lease(spec, "me", 14.9, 15).take
+    v = lease(spec, "me", 15.1, 15)
+    assert v.take and v.transitions == 1
 
 
 def test_grant_namespaces_guardrail():

@@ -1,0 +1,396 @@
+"""Admission policies (CEL, in the API server; no webhook server) that keep anyone
+but the operator from steering it, and keep the operator to its own objects.
+
+Generated into crds/admission-policies.yaml (for `kubectl apply -f crds/`) and
+into the chart (with the chart's own operator identity). See docs/security.md.
+"""
+
+from __future__ import annotations
+
+import json
+
+GROUP = "agentaccess.io"
+V1 = "admissionregistration.k8s.io/v1"
+#: The identity of a default install (release agent-access-operator in
+#: agent-access-system); the chart renders its own. Cluster admins (system:masters)
+#: are always trusted, so a locally run operator with an admin kubeconfig works too.
+DEFAULT_OPERATOR = "system:serviceaccount:agent-access-system:agent-access-operator"
+DEFAULT_OPERATOR_NAMESPACE = "agent-access-system"
+REQUESTER = [f"{GROUP}/requester-username", f"{GROUP}/requester-uid", f"{GROUP}/requester-groups"]
+TASK_UID = f"{GROUP}/task-uid"
+MANAGED = "app.kubernetes.io/managed-by"
+#: Controllers that legitimately update objects they do not own (ownerReferences).
+CONTROLLERS = [
+    "system:kube-controller-manager",
+    "system:serviceaccount:kube-system:generic-garbage-collector",
+]
+
+
+#: The subresource of the request ("" for the main resource; absent in CEL when empty).
+SUB = {"name": "sub", "expression": "has(request.subResource) ? request.subResource : ''"}
+
+
+#: The requester's groups as a JSON array of strings (a group name may hold any
+#: character; the operator parses this and fails closed on anything else).
+GROUPS_JSON = (
+    "'[' + request.userInfo.?groups.orValue([]).map(g, '\"' + g.replace('\\\\', '\\\\\\\\')"
+    ".replace('\"', '\\\\\"').replace('\\n', '\\\\n').replace('\\r', '\\\\r')"
+    ".replace('\\t', '\\\\t') + '\"').join(',') + ']'"
+)
+UID = "request.userInfo.?uid.orValue('')"
+
+
+def _q(value: str) -> str:
+    return json.dumps(value)
+
+
+def _list(values: list[str]) -> str:
+    return "[" + ", ".join(_q(v) for v in values) + "]"
+
+
+def _rules(group: str, resources: list[str], operations: list[str]) -> dict:
+    return {
+        "apiGroups": [group],
+        "apiVersions": ["*"],
+        "operations": operations,
+        "resources": resources,
+    }
+
+
+def _pair(kind: str, name: str, spec: dict, labels: dict) -> list[dict]:
+    binding: dict = {
+        "apiVersion": V1,
+        "kind": f"{kind}Binding",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"policyName": name},
+    }
+    if kind == "ValidatingAdmissionPolicy":
+        binding["spec"]["validationActions"] = ["Deny"]
+    return [
+        {
+            "apiVersion": V1,
+            "kind": kind,
+            "metadata": {"name": name, "labels": labels},
+            "spec": spec,
+        },
+        binding,
+    ]
+
+
+def policies(
+    operators: list[str] | None = None,
+    operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE,
+    labels: dict | None = None,
+) -> list[dict]:
+    operators = operators or [DEFAULT_OPERATOR]
+    labels = labels or {"app.kubernetes.io/name": "agent-access-operator"}
+    trusted = (
+        f"'system:masters' in request.userInfo.?groups.orValue([]) || "
+        f"request.userInfo.username in {_list(operators)}"
+    )
+    not_trusted = [{"name": "not-the-operator-or-an-admin", "expression": f"!({trusted})"}]
+    docs: list[dict] = []
+
+    # 1. Who asked: stamped from the API server's record, whatever the client wrote.
+    docs += _pair(
+        "MutatingAdmissionPolicy",
+        f"{GROUP}-requester",
+        {
+            "failurePolicy": "Fail",
+            "reinvocationPolicy": "Never",
+            "matchConstraints": {"resourceRules": [_rules(GROUP, ["agenttasks"], ["CREATE"])]},
+            "mutations": [
+                {
+                    "patchType": "ApplyConfiguration",
+                    "applyConfiguration": {
+                        "expression": "Object{metadata: Object.metadata{annotations: {"
+                        f"{_q(REQUESTER[0])}: request.userInfo.username, "
+                        f"{_q(REQUESTER[1])}: "
+                        f"{UID}, "
+                        f"{_q(REQUESTER[2])}: {GROUPS_JSON}}}}}}}"
+                    },
+                }
+            ],
+        },
+        labels,
+    )
+
+    # 2. Only the operator writes a task's status, its annotations and its finalizer.
+    ours = f"k.startsWith('{GROUP}/')"
+    docs += _pair(
+        "ValidatingAdmissionPolicy",
+        f"{GROUP}-task-guard",
+        {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    _rules(GROUP, ["agenttasks", "agenttasks/status"], ["CREATE", "UPDATE"])
+                ]
+            },
+            "matchConditions": not_trusted,
+            "variables": [
+                SUB,
+                {
+                    "name": "newAnnotations",
+                    "expression": "has(object.metadata.annotations) ? "
+                    f"object.metadata.annotations.filter(k, {ours}) : []",
+                },
+                {
+                    "name": "oldAnnotations",
+                    "expression": "oldObject != null && has(oldObject.metadata.annotations) ? "
+                    f"oldObject.metadata.annotations.filter(k, {ours}) : []",
+                },
+                {
+                    "name": "newFinalized",
+                    "expression": "has(object.metadata.finalizers) && "
+                    f"'{GROUP}/revoke' in object.metadata.finalizers",
+                },
+                {
+                    "name": "oldFinalized",
+                    "expression": "oldObject != null && has(oldObject.metadata.finalizers) && "
+                    f"'{GROUP}/revoke' in oldObject.metadata.finalizers",
+                },
+            ],
+            "validations": [
+                {
+                    "expression": "variables.sub != 'status'",
+                    "message": "the status of an AgentTask is written only by the "
+                    "agent-access-operator",
+                    "reason": "Forbidden",
+                },
+                {
+                    "expression": "request.operation != 'CREATE' || "
+                    f"variables.newAnnotations.all(k, k in {_list(REQUESTER)})",
+                    "message": f"annotations under {GROUP}/ are set only by the "
+                    "agent-access-operator and the API server",
+                    "reason": "Forbidden",
+                },
+                {
+                    "expression": "request.operation != 'CREATE' || "
+                    "(has(object.metadata.annotations) && "
+                    f"object.metadata.annotations[?{_q(REQUESTER[0])}] == "
+                    "optional.of(request.userInfo.username) && "
+                    f"object.metadata.annotations[?{_q(REQUESTER[1])}] == optional.of({UID}) && "
+                    f"object.metadata.annotations[?{_q(REQUESTER[2])}] == "
+                    f"optional.of({GROUPS_JSON}))",
+                    "message": f"the {GROUP}/requester-* annotations were not stamped: is the "
+                    f"MutatingAdmissionPolicy {GROUP}-requester installed and bound?",
+                    "reason": "Forbidden",
+                },
+                {
+                    "expression": "request.operation != 'UPDATE' || ("
+                    "variables.newAnnotations.all(k, k in variables.oldAnnotations && "
+                    "object.metadata.annotations[k] == oldObject.metadata.annotations[k]) && "
+                    "variables.oldAnnotations.all(k, k in variables.newAnnotations))",
+                    "message": f"annotations under {GROUP}/ are written only by the "
+                    "agent-access-operator",
+                    "reason": "Forbidden",
+                },
+                {
+                    "expression": "variables.newFinalized == variables.oldFinalized",
+                    "message": f"the finalizer {GROUP}/revoke is added and removed only by the "
+                    "agent-access-operator",
+                    "reason": "Forbidden",
+                },
+            ],
+        },
+        labels,
+    )
+
+    # 3. A per-task identity never mints a credential that outlives the grant, and
+    #    nobody makes a long-lived token for a per-task identity.
+    sa_token = "object.type == 'kubernetes.io/service-account-token'"
+    docs += _pair(
+        "ValidatingAdmissionPolicy",
+        f"{GROUP}-no-lasting-tokens",
+        {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [_rules("", ["secrets"], ["CREATE", "UPDATE"])]},
+            "matchConditions": not_trusted,
+            "validations": [
+                {
+                    "expression": f"!({sa_token}) || "
+                    "!request.userInfo.username.startsWith('system:serviceaccount:') || "
+                    "!request.userInfo.username.split(':')[3].startsWith('aat-')",
+                    "message": "a per-task identity of the agent-access-operator may not create "
+                    "service-account-token Secrets: its access must end with its grant",
+                    "reason": "Forbidden",
+                },
+                {
+                    "expression": f"!({sa_token}) || !has(object.metadata.annotations) || "
+                    "!('kubernetes.io/service-account.name' in object.metadata.annotations) || "
+                    "!object.metadata.annotations['kubernetes.io/service-account.name']"
+                    ".startsWith('aat-')",
+                    "message": "service-account-token Secrets for per-task identities (aat-*) "
+                    "are refused: their tokens come only from the operator, bound to the grant",
+                    "reason": "Forbidden",
+                },
+            ],
+        },
+        labels,
+    )
+
+    # 4. The operator's objects are written only by the operator; nobody else makes
+    #    objects that look like its own (the aat- prefix and its labels are reserved).
+    has_uid = f"has(object.metadata.labels) && '{TASK_UID}' in object.metadata.labels"
+    had_uid = f"has(oldObject.metadata.labels) && '{TASK_UID}' in oldObject.metadata.labels"
+    docs += _pair(
+        "ValidatingAdmissionPolicy",
+        f"{GROUP}-owned-objects",
+        {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    _rules("", ["serviceaccounts", "secrets"], ["CREATE", "UPDATE"]),
+                    _rules(
+                        "rbac.authorization.k8s.io", ["roles", "rolebindings"], ["CREATE", "UPDATE"]
+                    ),
+                ]
+            },
+            "matchConditions": [
+                {
+                    "name": "not-the-operator-an-admin-or-a-controller",
+                    "expression": f"!({trusted}) && "
+                    f"!(request.userInfo.username in {_list(CONTROLLERS)})",
+                },
+                {
+                    "name": "main-resource",
+                    "expression": "!has(request.subResource) || request.subResource == ''",
+                },
+            ],
+            "validations": [
+                {
+                    "expression": f"!({has_uid}) && (oldObject == null || !({had_uid}))",
+                    "message": f"objects labelled {TASK_UID} belong to the agent-access-operator: "
+                    "only it creates or changes them",
+                    "reason": "Forbidden",
+                },
+                {
+                    "expression": "request.resource.resource != 'serviceaccounts' || "
+                    "request.operation != 'CREATE' || !object.metadata.name.startsWith('aat-')",
+                    "message": "ServiceAccount names starting with aat- are reserved for the "
+                    "agent-access-operator's per-task identities",
+                    "reason": "Forbidden",
+                },
+                {
+                    "expression": "request.resource.resource != 'secrets' || "
+                    f"object.type != '{GROUP}/token'",
+                    "message": f"Secrets of type {GROUP}/token are created only by the "
+                    "agent-access-operator",
+                    "reason": "Forbidden",
+                },
+            ],
+        },
+        labels,
+    )
+
+    # 5. The operator's own identity is not a master key: it touches only its own
+    #    per-task objects, never anything in its own namespace.
+    target = "(request.operation == 'DELETE' ? oldObject : object)"
+    docs += _pair(
+        "ValidatingAdmissionPolicy",
+        f"{GROUP}-operator-limits",
+        {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    _rules(
+                        "",
+                        ["serviceaccounts", "serviceaccounts/token", "secrets"],
+                        ["CREATE", "UPDATE", "DELETE"],
+                    ),
+                    _rules(
+                        "rbac.authorization.k8s.io",
+                        ["roles", "rolebindings"],
+                        ["CREATE", "UPDATE", "DELETE"],
+                    ),
+                ]
+            },
+            "matchConditions": [
+                {
+                    "name": "the-operator",
+                    "expression": f"request.userInfo.username in {_list(operators)}",
+                }
+            ],
+            "variables": [
+                SUB,
+                {"name": "target", "expression": target},
+                {
+                    "name": "ours",
+                    "expression": "has(variables.target.metadata.labels) && "
+                    f"'{TASK_UID}' in variables.target.metadata.labels && "
+                    f"'{MANAGED}' in variables.target.metadata.labels && "
+                    f"variables.target.metadata.labels['{MANAGED}'] == 'agent-access-operator'",
+                },
+                {
+                    "name": "wasOurs",
+                    "expression": "oldObject == null || (has(oldObject.metadata.labels) && "
+                    f"'{TASK_UID}' in oldObject.metadata.labels)",
+                },
+            ],
+            "validations": [
+                {
+                    "expression": f"request.namespace != {_q(operator_namespace)}",
+                    "message": "the agent-access-operator never creates, changes or deletes "
+                    "ServiceAccounts, tokens, Secrets or RBAC in its own namespace",
+                    "reason": "Forbidden",
+                },
+                {
+                    "expression": "variables.sub != 'token' || request.name.startsWith('aat-')",
+                    "message": "the agent-access-operator mints tokens only for its per-task "
+                    "ServiceAccounts (aat-*)",
+                    "reason": "Forbidden",
+                },
+                {
+                    "expression": "variables.sub == 'token' || "
+                    "(variables.ours && variables.wasOurs)",
+                    "message": "the agent-access-operator may only create, change or delete "
+                    f"objects it made for a task (labelled {TASK_UID})",
+                    "reason": "Forbidden",
+                },
+                {
+                    "expression": "request.resource.resource != 'serviceaccounts' || "
+                    "variables.sub != '' || "
+                    "variables.target.metadata.name.startsWith('aat-')",
+                    "message": "the agent-access-operator's ServiceAccounts are named aat-*",
+                    "reason": "Forbidden",
+                },
+                {
+                    "expression": "request.resource.resource != 'secrets' || "
+                    f"variables.target.type == '{GROUP}/token' && "
+                    "(oldObject == null || oldObject.type == '" + GROUP + "/token')",
+                    "message": "the agent-access-operator writes only Secrets of type "
+                    f"{GROUP}/token",
+                    "reason": "Forbidden",
+                },
+                {
+                    "expression": "request.resource.resource != 'rolebindings' || "
+                    "request.operation == 'DELETE' || (object.roleRef.kind == 'Role' && "
+                    "object.roleRef.name == object.metadata.name && "
+                    "has(object.subjects) && size(object.subjects) == 1 && "
+                    "object.subjects[0].kind == 'ServiceAccount' && "
+                    "(object.subjects[0].name.startsWith('aat-') || "
+                    "object.metadata.name.endsWith('-token-reader')))",
+                    "message": "the agent-access-operator binds only its own Role of the same "
+                    "name to one ServiceAccount",
+                    "reason": "Forbidden",
+                },
+                {
+                    "expression": "request.resource.resource != 'roles' || "
+                    "request.operation == 'DELETE' || !has(object.rules) || "
+                    "object.rules.all(r, "
+                    "!r.verbs.exists(v, v == '*' || v == 'escalate' || v == 'bind' || "
+                    "v.startsWith('impersonate')) && "
+                    "!r.resources.exists(x, x == '*' || x == 'serviceaccounts/token' || "
+                    "x.startsWith('certificatesigningrequests')) && "
+                    "!r.apiGroups.exists(g, g == '*') && "
+                    "(!has(r.resourceNames) || !r.resourceNames.exists(n, n == '*')))",
+                    "message": "a Role made by the agent-access-operator never holds '*', "
+                    "escalate, bind, impersonation or token minting",
+                    "reason": "Forbidden",
+                },
+            ],
+        },
+        labels,
+    )
+    return docs

@@ -1,0 +1,160 @@
+"""Start-up: rebuild live grants from the operator's own objects, end those that
+must end, and remove every object no live grant holds.
+
+Runs before watching. What it trusts: the task's spec and UID, and the objects
+carrying the operator's marks whose names are the ones it derives for that task
+UID (admission lets only the operator create or change such objects). The
+deadline is the earlier of the one recorded on the per-task ServiceAccount and
+the one in the task's status, so rewriting either can only shorten a grant; a
+task whose status no longer says Active loses its objects.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from .engine import SpecError, parse_task
+from .kube import AGENT_TASKS, KubeError
+from .model import (
+    ANNOTATION_EXPIRES_AT,
+    ANNOTATION_GRANTED_AT,
+    ANNOTATION_POD_UID,
+    ANNOTATION_POLICIES,
+    LABEL_MANAGED_BY,
+    LABEL_TASK_NAME,
+    LABEL_TASK_NAMESPACE,
+    LABEL_TASK_UID,
+    MANAGED_BY,
+    Phase,
+    Reason,
+)
+from .objects import base_name, names_of
+from .owned import RESOURCES
+from .runtime import (
+    ROLE,
+    ROLE_BINDING,
+    SECRET,
+    SERVICE_ACCOUNT,
+    LiveGrant,
+    ObjectRef,
+    parse_time,
+    planned_grant,
+)
+
+if TYPE_CHECKING:
+    from .service import Service
+
+log = logging.getLogger(__name__)
+
+Found = dict[ObjectRef, dict[str, Any]]
+
+
+def owned_objects(service: Service) -> dict[str, Found]:
+    """Objects carrying the operator's marks, by task UID; only names that task can use."""
+    selector = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+    out: dict[str, Found] = defaultdict(dict)
+    for kind in (SERVICE_ACCOUNT, ROLE_BINDING, ROLE):
+        for obj in service.kube.list(RESOURCES[kind], None, label_selector=selector):
+            meta = obj.get("metadata") or {}
+            labels = meta.get("labels") or {}
+            uid, task_name = labels.get(LABEL_TASK_UID), labels.get(LABEL_TASK_NAME)
+            if not uid or not task_name or meta.get("name") not in names_of(task_name, uid):
+                log.warning(
+                    "ignoring %s %s/%s: not named for its task",
+                    kind,
+                    meta.get("namespace"),
+                    meta.get("name"),
+                )
+                continue
+            out[uid][(kind, meta["namespace"], meta["name"])] = obj
+    return out
+
+
+def _adopt(service: Service, task: Mapping[str, Any], found: Found) -> LiveGrant:
+    spec = parse_task(task)
+    plan = planned_grant(task, spec)
+    sa = found.get((SERVICE_ACCOUNT, plan.namespace, plan.service_account))
+    record = ((sa or {}).get("metadata") or {}).get("annotations") or {}
+    status = task.get("status") or {}
+    deadlines = [
+        t
+        for t in (
+            parse_time(record.get(ANNOTATION_EXPIRES_AT)),
+            parse_time(status.get("expiresAt")),
+        )
+        if t is not None
+    ]
+    policies = record.get(ANNOTATION_POLICIES)
+    wanted = set(plan.objects())
+    return replace(
+        plan,
+        expires_at=min(deadlines) if deadlines else service.clock(),
+        granted_at=parse_time(record.get(ANNOTATION_GRANTED_AT))
+        or parse_time(status.get("grantedAt")),
+        pod_uid=record.get(ANNOTATION_POD_UID) or None,
+        policies=tuple(p for p in (policies or "").split(",") if p)
+        or tuple(p for p in status.get("policies") or () if isinstance(p, str)),
+        object_uids={ref: obj["metadata"]["uid"] for ref, obj in found.items() if ref in wanted},
+    )
+
+
+def recover(service: Service) -> None:
+    tasks = service.kube.list(AGENT_TASKS)
+    found = owned_objects(service)
+    now = service.clock()
+    adopted: set[str] = set()
+    for task in tasks:
+        meta = task.get("metadata") or {}
+        uid = meta.get("uid", "")
+        if (task.get("status") or {}).get("phase") != Phase.ACTIVE.value:
+            continue
+        try:
+            grant = _adopt(service, task, found.get(uid, {}))
+        except (SpecError, KeyError, TypeError, ValueError) as exc:
+            log.warning("cannot resume %s/%s: %s", meta.get("namespace"), meta.get("name"), exc)
+            continue
+        adopted.add(uid)
+        service.registry.add(grant)
+        assert grant.expires_at is not None
+        if grant.expires_at <= now:
+            service.revoke(
+                grant,
+                Reason.TTL_EXPIRED,
+                "the TTL ran out while the operator was down",
+                triggered_at=grant.expires_at,
+            )
+        else:
+            service.deadlines.schedule(uid, grant.expires_at)
+            service.unverified.add(uid)
+    removed = 0
+    for uid, objs in found.items():
+        if uid not in adopted:
+            removed += _remove(service, uid, objs)
+    if removed:
+        log.info("removed %d orphaned objects", removed)
+
+
+def _remove(service: Service, uid: str, objs: Found) -> int:
+    """Delete the objects of a task that holds no live grant, its token Secret too."""
+    removed = 0
+    secrets: set[ObjectRef] = set()
+    for ref, obj in sorted(objs.items(), key=lambda item: item[0][0] != ROLE_BINDING):
+        labels = obj["metadata"].get("labels") or {}
+        base = base_name(labels.get(LABEL_TASK_NAME, ""), uid)
+        ns = labels.get(LABEL_TASK_NAMESPACE)
+        if ns:
+            secrets.add((SECRET, ns, f"{base}-token"))
+        try:
+            removed += service.owned.delete(ref, uid, obj["metadata"]["uid"])
+        except KubeError as exc:
+            log.warning("could not remove %s: %s", ref, exc)
+    for ref in secrets:
+        try:
+            removed += service.owned.delete(ref, uid)
+        except KubeError as exc:
+            log.warning("could not remove %s: %s", ref, exc)
+    return removed
