@@ -68,6 +68,20 @@ def test_the_operators_token_is_not_a_master_key(world, chart_operator):
         "rules": [{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}],
     }
     assert status_code(lambda: me.create(ROLES, ns, role)) == 403
+    # nor a Role with what the guardrails forbid, e.g. relabelling namespaces
+    role["rules"] = [{"apiGroups": [""], "resources": ["namespaces"], "verbs": ["patch"]}]
+    assert status_code(lambda: me.create(ROLES, ns, role)) == 403
+    # a "token reader" binding cannot hand a Role to a ServiceAccount elsewhere
+    reader = {
+        "metadata": {"name": "aat-x-token-reader", "labels": binding["metadata"]["labels"]},
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": "aat-x-token-reader",
+        },
+        "subjects": [{"kind": "ServiceAccount", "name": "default", "namespace": "kube-system"}],
+    }
+    assert status_code(lambda: me.create(ROLE_BINDINGS, ns, reader)) == 403
     # nothing at all in its own namespace
     role["rules"] = READ
     assert status_code(lambda: me.create(ROLES, NAMESPACE, role)) == 403

@@ -8,6 +8,11 @@ into the chart (with the chart's own operator identity). See docs/security.md.
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "operator"))
+from agent_access.rules import DEFAULT_GUARDRAILS
 
 GROUP = "agentaccess.io"
 V1 = "admissionregistration.k8s.io/v1"
@@ -16,6 +21,7 @@ V1 = "admissionregistration.k8s.io/v1"
 #: are always trusted, so a locally run operator with an admin kubeconfig works too.
 DEFAULT_OPERATOR = "system:serviceaccount:agent-access-system:agent-access-operator"
 DEFAULT_OPERATOR_NAMESPACE = "agent-access-system"
+DEFAULT_LEASE = "agent-access-operator"
 REQUESTER = [f"{GROUP}/requester-username", f"{GROUP}/requester-uid", f"{GROUP}/requester-groups"]
 TASK_UID = f"{GROUP}/task-uid"
 MANAGED = "app.kubernetes.io/managed-by"
@@ -38,6 +44,26 @@ GROUPS_JSON = (
     ".replace('\\t', '\\\\t') + '\"').join(',') + ']'"
 )
 UID = "request.userInfo.?uid.orValue('')"
+
+
+def _role_rule_ok() -> str:
+    """The default guardrails as CEL over one Role rule `r` (kept in step with
+    rules.Guardrails: the API server re-checks every Role the operator writes)."""
+    rails = DEFAULT_GUARDRAILS
+    verbs = _list(sorted(rails.forbidden_verbs))
+    prefixes = " || ".join(f"v.startsWith({_q(p)})" for p in rails.forbidden_verb_prefixes)
+    forbidden = _list(sorted(rails.forbidden_resources))
+    protected = _list(sorted(rails.write_protected_resources))
+    writes = _list(sorted(rails.write_verbs))
+    return (
+        f"!r.verbs.exists(v, v == '*' || v in {verbs} || {prefixes}) && "
+        "!r.apiGroups.exists(g, g == '*') && "
+        "(!has(r.resourceNames) || !r.resourceNames.exists(n, n == '*')) && "
+        f"!r.resources.exists(x, x == '*' || {forbidden}.exists(f, x == f || "
+        "x.startsWith(f + '/'))) && "
+        f"!(r.resources.exists(x, x.split('/')[0] in {protected}) && "
+        f"r.verbs.exists(v, v in {writes}))"
+    )
 
 
 def _q(value: str) -> str:
@@ -81,7 +107,9 @@ def policies(
     operators: list[str] | None = None,
     operator_namespace: str = DEFAULT_OPERATOR_NAMESPACE,
     labels: dict | None = None,
+    lease_name: str = DEFAULT_LEASE,
 ) -> list[dict]:
+    role_rule_ok = _role_rule_ok()
     operators = operators or [DEFAULT_OPERATOR]
     labels = labels or {"app.kubernetes.io/name": "agent-access-operator"}
     trusted = (
@@ -370,7 +398,8 @@ def policies(
                     "has(object.subjects) && size(object.subjects) == 1 && "
                     "object.subjects[0].kind == 'ServiceAccount' && "
                     "(object.subjects[0].name.startsWith('aat-') || "
-                    "object.metadata.name.endsWith('-token-reader')))",
+                    "(object.metadata.name.endsWith('-token-reader') && "
+                    "object.subjects[0].namespace == request.namespace)))",
                     "message": "the agent-access-operator binds only its own Role of the same "
                     "name to one ServiceAccount",
                     "reason": "Forbidden",
@@ -378,17 +407,70 @@ def policies(
                 {
                     "expression": "request.resource.resource != 'roles' || "
                     "request.operation == 'DELETE' || !has(object.rules) || "
-                    "object.rules.all(r, "
-                    "!r.verbs.exists(v, v == '*' || v == 'escalate' || v == 'bind' || "
-                    "v.startsWith('impersonate')) && "
-                    "!r.resources.exists(x, x == '*' || x == 'serviceaccounts/token' || "
-                    "x.startsWith('certificatesigningrequests')) && "
-                    "!r.apiGroups.exists(g, g == '*') && "
-                    "(!has(r.resourceNames) || !r.resourceNames.exists(n, n == '*')))",
-                    "message": "a Role made by the agent-access-operator never holds '*', "
-                    "escalate, bind, impersonation or token minting",
+                    f"object.rules.all(r, {role_rule_ok})",
+                    "message": "a Role made by the agent-access-operator holds nothing the "
+                    "guardrails forbid ('*', escalate, bind, impersonation, token minting, "
+                    "ephemeral containers, writes on RBAC, ServiceAccounts, namespaces or the "
+                    "operator's own API)",
                     "reason": "Forbidden",
                 },
+                {
+                    "expression": "request.resource.resource != 'roles' || "
+                    "request.operation == 'DELETE' || "
+                    "!object.metadata.name.endsWith('-token-reader') || "
+                    "(size(object.rules) == 1 && object.rules[0].verbs == ['get'] && "
+                    "object.rules[0].resources == ['secrets'] && "
+                    "has(object.rules[0].resourceNames) && "
+                    "size(object.rules[0].resourceNames) == 1)",
+                    "message": "a token-reader Role of the agent-access-operator lets its agent "
+                    "get exactly one Secret",
+                    "reason": "Forbidden",
+                },
+                {
+                    "expression": "!has(namespaceObject.metadata.labels) || "
+                    f"namespaceObject.metadata.labels[?'{GROUP}/protected'] != optional.of('true')",
+                    "message": f"namespaces labelled {GROUP}/protected=true are never touched by "
+                    "the agent-access-operator",
+                    "reason": "Forbidden",
+                },
+            ],
+        },
+        labels,
+    )
+    # 6. The leader-election Lease is written only by the operator: nobody else can
+    #    hold every replica off by rewriting it again and again.
+    docs += _pair(
+        "ValidatingAdmissionPolicy",
+        f"{GROUP}-leader-lease",
+        {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [
+                    _rules("coordination.k8s.io", ["leases"], ["CREATE", "UPDATE", "DELETE"])
+                ]
+            },
+            "matchConditions": [
+                *not_trusted,
+                {
+                    "name": "in-the-operators-namespace",
+                    "expression": f"request.namespace == {_q(operator_namespace)}",
+                },
+            ],
+            "variables": [
+                {"name": "lease", "expression": _q(lease_name)},
+                {
+                    "name": "name",
+                    "expression": "request.operation == 'DELETE' ? oldObject.metadata.name : "
+                    "object.metadata.name",
+                },
+            ],
+            "validations": [
+                {
+                    "expression": "variables.name != variables.lease",
+                    "message": "the agent-access-operator's leader-election Lease is written "
+                    "only by the operator",
+                    "reason": "Forbidden",
+                }
             ],
         },
         labels,

@@ -124,6 +124,15 @@ def _sortable(time: str | None) -> str:
     return f"{whole}.{frac[:6]:0<6}Z"
 
 
+def _epoch(time: str | None) -> float | None:
+    if not time:
+        return None
+    try:
+        return datetime.strptime(_sortable(time)[:26], "%Y-%m-%dT%H:%M:%S.%f").timestamp()
+    except ValueError:
+        return None
+
+
 def _rules_text(access: Sequence[Mapping[str, Any]]) -> str:
     parts = []
     for entry in access or ():
@@ -197,9 +206,21 @@ def timeline(
                     "message": status.get("message"),
                 }
             )
+
     # Anyone who may create Events in the namespace can write one that looks like the
-    # operator's: an Event counts as verified only when an audit line agrees with it.
-    audited = {(line.get("reason"), str(line.get("time") or "")[:16]) for line in lines}
+    # operator's: an Event counts as verified only when an audit line agrees with it
+    # (same reason, its message, within two seconds).
+    def confirmed(ev: Mapping[str, Any], when: str | None) -> bool:
+        moment = _epoch(when)
+        return any(
+            line.get("reason") == ev.get("reason")
+            and str(ev.get("message") or "").startswith(str(line.get("message") or ""))
+            and moment is not None
+            and (other := _epoch(line.get("time"))) is not None
+            and abs(other - moment) <= 2
+            for line in lines
+        )
+
     for ev in events:
         when = ev.get("lastTimestamp") or ev.get("eventTime") or ev.get("firstTimestamp")
         entries.append(
@@ -211,7 +232,7 @@ def timeline(
                 ),
                 "reason": ev.get("reason"),
                 "message": ev.get("message"),
-                "verified": (ev.get("reason"), str(when or "")[:16]) in audited,
+                "verified": confirmed(ev, when),
             }
         )
     for line in lines:

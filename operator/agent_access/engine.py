@@ -21,6 +21,8 @@ from .model import (
     ANNOTATION_REQUESTER_USERNAME,
     DEFAULT_MAX_TTL,
     DEFAULT_TTL,
+    LABEL_PROTECTED,
+    MAX_COVERAGE_CHECKS,
     MAX_REQUEST_ATOMS,
     Reason,
 )
@@ -401,6 +403,18 @@ def check_size(spec: TaskSpec) -> Denied | None:
     return None
 
 
+def check_protected(spec: TaskSpec, namespaces: Mapping[str, Mapping[str, str]]) -> Denied | None:
+    """Nothing is granted into a namespace labelled agentaccess.io/protected=true."""
+    for target in spec.target_namespaces:
+        if (namespaces.get(target) or {}).get(LABEL_PROTECTED) == "true":
+            return Denied(
+                Reason.FORBIDDEN,
+                f"namespace {target}: it is labelled {LABEL_PROTECTED}=true; nothing is "
+                "granted there",
+            )
+    return None
+
+
 def _atom_text(atom: tuple[str, str, str, str | None]) -> str:
     group, resource, verb, name = atom
     target = f"{group}/{resource}" if group else resource
@@ -416,8 +430,14 @@ def _requester_may_act(spec: TaskSpec, policy: Policy) -> bool:
         return False
     sa = requester.service_account() if requester else None
     if sa and sa[0] == spec.namespace and sa[1] != spec.agent:
-        return bool(policy.requesters)  # listed (allows_requester held)
+        # only an explicit ServiceAccount entry, not a group all agents are in
+        return ("ServiceAccount", sa[0], sa[1]) in policy.requesters
     return True
+
+
+def _asks_for_another(spec: TaskSpec) -> bool:
+    sa = spec.requester.service_account() if spec.requester else None
+    return bool(sa and sa[0] == spec.namespace and sa[1] != spec.agent)
 
 
 def check_coverage(
@@ -445,9 +465,17 @@ def check_coverage(
         ]
         with_pod = [p for p in naming if spec.pod_name or not p.require_pod]
         applicable = [p for p in with_pod if _requester_may_act(spec, p)]
+        checks = sum(r.atom_count for r in entry.rules) * sum(len(p.rules) for p in applicable)
+        if checks > MAX_COVERAGE_CHECKS:
+            return (), Denied(
+                Reason.INVALID_SPEC,
+                f"namespace {entry.namespace}: the request is too large to evaluate against "
+                "the policies that apply: split it into smaller tasks",
+                detail=f"{checks} rule comparisons, limit {MAX_COVERAGE_CHECKS}",
+            )
         if not applicable:
             first = entry.rules[0].describe()
-            if with_pod:
+            if with_pod or _asks_for_another(spec):
                 requester = spec.requester.username if spec.requester else "unknown"
                 return (), Denied(
                     Reason.REQUESTER_NOT_ALLOWED,
@@ -456,12 +484,15 @@ def check_coverage(
                     "lists it in requesters",
                     detail=f"policies naming the agent: {', '.join(p.key for p in with_pod)}",
                 )
-            hint = "; the policies that apply require spec.podName" if naming else ""
+            why = "the namespace does not exist" if not exists else "no policy names the agent"
+            if naming:
+                why = f"{', '.join(p.key for p in naming)} require spec.podName"
+            hint = "" if spec.pod_name else " (some policies require spec.podName)"
             return (), Denied(
                 Reason.NO_MATCHING_POLICY,
                 f"namespace {entry.namespace}: no AccessPolicy or ClusterAccessPolicy lets "
                 f"{who} request [{first}]{hint}",
-                detail="the namespace does not exist" if not exists else "no policy names it",
+                detail=why,
             )
         for rule in entry.rules:
             missing = []
@@ -533,6 +564,9 @@ def evaluate(
             return Denied(
                 Reason.INVALID_SPEC, f"pod {spec.pod_name!r} has already finished ({pod.phase})"
             )
+    denied = check_protected(spec, world.namespaces)
+    if denied:
+        return denied
     used, denied = check_coverage(spec, world.policies, world.namespaces)
     denied = denied or check_audiences(spec, used)
     if denied:
@@ -575,6 +609,9 @@ def reevaluate(
     The reason is PolicyDeleted when a policy the grant relied on no longer
     exists, PolicyChanged otherwise.
     """
+    protected = check_protected(spec, namespaces)
+    if protected:
+        return Denied(Reason.POLICY_CHANGED, protected.message)
     used, denied = check_coverage(spec, policies, namespaces)
     denied = denied or check_audiences(spec, used)
     if denied is None:
@@ -584,3 +621,16 @@ def reevaluate(
     reason = Reason.POLICY_DELETED if gone else Reason.POLICY_CHANGED
     prefix = f"policy {', '.join(gone)} deleted; " if gone else "policies changed; "
     return Denied(reason, prefix + denied.message, denied.detail)
+
+
+def ttl_ceiling(
+    spec: TaskSpec,
+    policies: Sequence[Policy],
+    namespaces: Mapping[str, Mapping[str, str]],
+) -> timedelta | None:
+    """The longest grant the policies allow now (None when they do not allow it)."""
+    used, denied = check_coverage(spec, policies, namespaces)
+    if denied:
+        return None
+    ttl = min([spec.ttl, *(p.max_ttl for p in used)])
+    return timedelta(seconds=max(1, int(ttl.total_seconds())))

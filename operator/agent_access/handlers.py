@@ -6,6 +6,7 @@ synchronous; kopf runs them in its thread pool.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -115,10 +116,18 @@ def task_seen(type: str | None, body: kopf.Body, **_: Any) -> None:
 @kopf.on.create(GROUP, VERSION, TASKS)
 @kopf.on.resume(GROUP, VERSION, TASKS)
 @kopf.on.update(GROUP, VERSION, TASKS)
-def reconcile_task(body: kopf.Body, **_: Any) -> None:
+async def reconcile_task(body: kopf.Body, **_: Any) -> None:
+    # Decisions run on their own threads, everything else (cancel, re-checks) on the
+    # revocation threads: costly requests never hold up a revocation.
+    svc = service()
+    pool = svc.decisions if svc.needs_decision(body) else svc.pool
+    await asyncio.get_running_loop().run_in_executor(pool, _reconcile, svc, body)
+
+
+def _reconcile(svc: Service, body: kopf.Body) -> None:
     with _timed("reconcile"):
         try:
-            service().reconcile(body)
+            svc.reconcile(body)
         except KubeError as exc:  # the API is struggling: try again soon, not in 60 s
             raise kopf.TemporaryError(f"API error, retrying: {exc}", delay=1) from exc
 

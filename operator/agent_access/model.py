@@ -43,6 +43,12 @@ ANNOTATION_REQUESTER_GROUPS = f"{GROUP}/requester-groups"
 IDENTITY_PREFIX = "aat-"
 #: Longest duration accepted anywhere (ttl, maxTTL): one year.
 MAX_DURATION_SECONDS = 366 * 24 * 3600
+#: A namespace labelled with this ("true") is never granted into (and admission keeps
+#: the operator's own identity out of it).
+LABEL_PROTECTED = f"{GROUP}/protected"
+#: A decision compares each requested combination with the rules of the policies that
+#: apply; above this many comparisons the task is Denied InvalidSpec (about a second).
+MAX_COVERAGE_CHECKS = 1_000_000
 #: A task's evaluation cost is bounded: requests expanding to more (apiGroup, resource,
 #: verb, name) combinations than this are Denied InvalidSpec.
 MAX_REQUEST_ATOMS = 20_000

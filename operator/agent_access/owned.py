@@ -68,6 +68,10 @@ class Owned:
                 return self.kube.merge_patch(res, namespace, name, {})
             except NotFound:
                 return None
+            except KubeError as exc:
+                if exc.status in (403, 422):  # admission: not a Secret of the operator's
+                    raise NotOurs(kind, namespace, name) from None
+                raise
         return self.kube.get(res, namespace, name)
 
     def create(self, kind: str, body: Mapping[str, Any], task_uid: str) -> dict[str, Any]:
@@ -93,7 +97,11 @@ class Owned:
         """
         kind, namespace, name = ref
         if not uid:
-            found = self.fetch(kind, namespace, name)
+            try:
+                found = self.fetch(kind, namespace, name)
+            except NotOurs:
+                log.warning("not deleting %s %s/%s: it is not this task's", kind, namespace, name)
+                return False
             if found is None:
                 return False
             if not mine(kind, found, task_uid):

@@ -166,8 +166,7 @@ class Guardrails:
         if namespace in self.protected_namespaces:
             return "nothing is ever granted in the operator's own namespace"
         if self.target_namespaces is not None and namespace not in self.target_namespaces:
-            allowed = ", ".join(sorted(self.target_namespaces))
-            return f"this installation may only grant into: {allowed}"
+            return "this installation does not grant into this namespace"
         return None
 
     def _resource_forbidden(self, resource: str) -> bool:

@@ -12,7 +12,6 @@ anyone else neither ends a live grant (it is restored) nor revives an ended one.
 
 from __future__ import annotations
 
-import base64
 import logging
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -20,44 +19,33 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from . import audit, objects
+from . import audit
 from . import status as st
 from .engine import (
     Denied,
-    Granted,
     PodFacts,
     SpecError,
     TaskSpec,
-    World,
     check_guardrails,
-    evaluate,
     parse_task,
     reevaluate,
+    ttl_ceiling,
 )
 from .facts import Facts, pod_facts
 from .faults import checkpoint
-from .kube import AGENT_TASKS, PODS, SECRETS, SERVICE_ACCOUNTS, Kube, KubeError, NotFound
+from .issuance import Issuance, _compact, _requested, _requester, _stub
+from .kube import AGENT_TASKS, PODS, SERVICE_ACCOUNTS, Kube, KubeError, NotFound
 from .metrics import Metrics
 from .model import (
     ANNOTATION_EXPIRES_AT,
-    ANNOTATION_GRANTED_AT,
-    ANNOTATION_POD_UID,
-    ANNOTATION_POLICIES,
-    API_VERSION,
     Phase,
     Reason,
 )
 from .owned import Owned
 from .rules import DEFAULT_GUARDRAILS, Guardrails
 from .runtime import (
-    ROLE,
-    ROLE_BINDING,
-    SECRET,
-    SERVICE_ACCOUNT,
     Deadlines,
     LiveGrant,
-    NamespaceGrant,
-    ObjectRef,
     Registry,
     planned_grant,
 )
@@ -72,44 +60,6 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _compact(status: Mapping[str, Any]) -> dict[str, Any]:
-    """Drop unknown (None) values so a merge patch never deletes a field by accident."""
-    out = {k: v for k, v in status.items() if v is not None}
-    if "conditions" in out:
-        out["conditions"] = [
-            {k: v for k, v in c.items() if v is not None} for c in out["conditions"]
-        ]
-    return out
-
-
-def _stub(grant: LiveGrant, generation: int | None = None) -> dict[str, Any]:
-    """A minimal AgentTask body for events, status and audit of a known grant."""
-    meta: dict[str, Any] = {"name": grant.name, "namespace": grant.namespace, "uid": grant.uid}
-    if generation is not None:
-        meta["generation"] = generation
-    return {
-        "apiVersion": API_VERSION,
-        "kind": "AgentTask",
-        "metadata": meta,
-        "spec": {
-            "agent": grant.spec.agent,
-            "intent": grant.spec.intent,
-            "podName": grant.spec.pod_name,
-            "audiences": list(grant.spec.audiences),
-        },
-    }
-
-
-def _requested(spec: TaskSpec) -> list[dict[str, Any]]:
-    return [
-        {"namespace": e.namespace, "rules": [r.to_dict() for r in e.rules]} for e in spec.access
-    ]
-
-
-def _requester(spec: TaskSpec | None) -> dict[str, Any] | None:
-    return spec.requester.to_dict() if spec and spec.requester else None
-
-
 def pod_end_reason(pod: PodFacts | None, expected_uid: str | None) -> Reason | None:
     """Why a pod ends its grant (deleted, replaced, finished), or None while it runs."""
     if pod is None or pod.deleting or (expected_uid and pod.uid != expected_uid):
@@ -121,7 +71,7 @@ def pod_end_reason(pod: PodFacts | None, expected_uid: str | None) -> Reason | N
     return None
 
 
-class Service:
+class Service(Issuance):
     def __init__(
         self,
         kube: Kube,
@@ -140,6 +90,9 @@ class Service:
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="grant-worker")
         #: For concurrent reads inside one decision (never waits on `pool`).
         self.io = ThreadPoolExecutor(max(8, workers), thread_name_prefix="io")
+        #: Decisions (possibly costly) run apart from revocations, so a burst of large
+        #: requests never delays a cancel, a deletion or a pod's end.
+        self.decisions = ThreadPoolExecutor(max(4, workers // 2), thread_name_prefix="decide")
         self.facts = Facts(kube, self.io)
         self.owned = Owned(kube)
         self.deadlines = Deadlines(self._fire)
@@ -162,6 +115,7 @@ class Service:
     def close(self) -> None:
         self.deadlines.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.decisions.shutdown(wait=False, cancel_futures=True)
         self.io.shutdown(wait=False, cancel_futures=True)
 
     # -- the main reconcile ------------------------------------------------------------
@@ -181,6 +135,18 @@ class Service:
             if grant is not None:
                 self._restore_status(task, grant)
 
+    def needs_decision(self, task: Mapping[str, Any]) -> bool:
+        """Would reconcile decide (evaluate and issue) this task? In memory, no I/O."""
+        meta = task["metadata"]
+        phase = (task.get("status") or {}).get("phase")
+        return not (
+            meta.get("deletionTimestamp")
+            or self.registry.get(meta["uid"]) is not None
+            or meta["uid"] in self.ended
+            or phase in TERMINAL
+            or phase == Phase.ACTIVE.value
+        )
+
     def reconcile(self, task: Mapping[str, Any]) -> None:
         """Create, resume or update of an AgentTask: bring it to a correct phase.
 
@@ -199,7 +165,7 @@ class Service:
                 )
             elif uid in self.unverified:
                 self.unverified.discard(uid)
-                self.recheck(grant)
+                self._recheck_soon(uid)  # retried by the timer if the API fails
             return
         if uid in self.ended:
             return
@@ -262,212 +228,6 @@ class Service:
             Reason.POD_FAILED: f"pod {pod} failed",
         }[reason]
 
-    # -- issuance --------------------------------------------------------------------------
-
-    def issue(self, task: Mapping[str, Any]) -> None:
-        try:
-            spec = parse_task(task)
-        except SpecError as exc:
-            self._deny(task, Denied(Reason.INVALID_SPEC, str(exc)), None)
-            return
-        if spec.cancel:
-            self._end_unissued(task, spec, Reason.CANCELLED, "cancelled before access was granted")
-            return
-        generation = self.registry.generation
-        world = self.facts.world(spec)
-        decision = evaluate(spec, world, self.clock(), self.guardrails)
-        if isinstance(decision, Denied):
-            self._deny(task, decision, spec)
-            return
-        self._grant(task, spec, world, decision, generation)
-
-    def _deny(self, task: Mapping[str, Any], denied: Denied, spec: TaskSpec | None) -> None:
-        now = self.clock()
-        uid = task["metadata"]["uid"]
-        self._first_seen.pop(uid, None)
-        self.ended.add(uid)
-        self._write_status(
-            task, st.denied(task, denied.reason, denied.message, now, _requester(spec))
-        )
-        self._event(task, "Warning", denied.reason, denied.message, "Deny", spec)
-        self.audit.write(
-            audit.record(
-                "denied",
-                task,
-                reason=denied.reason,
-                phase=Phase.DENIED,
-                message=denied.message,
-                detail=denied.detail or None,
-                requested=_requested(spec) if spec else [],
-                requester=_requester(spec),
-                ended_at=st.rfc3339(now),
-                now=now,
-            )
-        )
-        self.metrics.denied(denied.reason)
-
-    def _end_unissued(self, task: Mapping[str, Any], spec: TaskSpec, reason: Reason, msg: str):
-        now = self.clock()
-        uid = task["metadata"]["uid"]
-        self._first_seen.pop(uid, None)
-        self.ended.add(uid)
-        self._write_status(task, st.ended(task, reason, msg, now, _requester(spec)))
-        self._event(task, "Normal", reason, msg, "Revoke", spec)
-        self.audit.write(
-            audit.record(
-                "ended",
-                task,
-                reason=reason,
-                phase=st.END_PHASE[reason],
-                message=msg,
-                requested=_requested(spec),
-                requester=_requester(spec),
-                ended_at=st.rfc3339(now),
-                now=now,
-            )
-        )
-
-    def _create_objects(
-        self, task: Mapping[str, Any], plan: LiveGrant, decision: Granted, pod: PodFacts | None
-    ) -> dict[ObjectRef, str]:
-        """Create every object of the grant; raise KubeError on the first failure.
-
-        Returns the UID of each object created (revocation deletes exactly those).
-        """
-        ns, uid = plan.namespace, plan.uid
-        created: dict[ObjectRef, str] = {}
-
-        def make(kind: str, body: dict[str, Any]) -> dict[str, Any]:
-            obj = self.owned.create(kind, body, uid)
-            meta = body["metadata"]
-            created[(kind, meta["namespace"], meta["name"])] = obj["metadata"]["uid"]
-            return obj
-
-        owners = objects.owners_in_task_namespace(task, (pod.name, pod.uid) if pod else None)
-        record = {
-            ANNOTATION_EXPIRES_AT: st.rfc3339(decision.expires_at),
-            ANNOTATION_GRANTED_AT: st.rfc3339(decision.granted_at),
-            ANNOTATION_POLICIES: ",".join(decision.policy_keys),
-        }
-        if pod:
-            record[ANNOTATION_POD_UID] = pod.uid
-        try:
-            make(
-                SERVICE_ACCOUNT,
-                objects.service_account(task, plan.service_account, owners, record),
-            )
-            checkpoint("issue:serviceaccount")
-            for g in plan.grants:
-                make(ROLE, objects.role(task, g.namespace, g.role, g.rules))
-                checkpoint("issue:role")
-                make(
-                    ROLE_BINDING,
-                    objects.role_binding(task, g.namespace, g.binding, ns, plan.service_account),
-                )
-                checkpoint("issue:rolebinding")
-            expires = st.rfc3339(decision.expires_at)
-            secret = make(
-                SECRET,
-                objects.token_secret(task, plan.secret, owners, plan.service_account, expires),
-            )
-            checkpoint("issue:secret")
-            make(ROLE, objects.token_reader_role(task, plan.reader, plan.secret))
-            make(ROLE_BINDING, objects.token_reader_binding(task, plan.reader, plan.spec.agent))
-            token, _ = self.kube.request_token(
-                ns,
-                plan.service_account,
-                objects.token_seconds(int(decision.ttl.total_seconds())),
-                plan.spec.audiences,
-                {
-                    "apiVersion": "v1",
-                    "kind": "Secret",
-                    "name": plan.secret,
-                    "uid": secret["metadata"]["uid"],
-                },
-            )
-            encoded = base64.b64encode(token.encode()).decode()
-            del token
-            self.kube.merge_patch(SECRETS, ns, plan.secret, {"data": {"token": encoded}})
-            checkpoint("issue:token")
-        except KubeError:
-            self.delete_objects(replace(plan, object_uids=created))
-            raise
-        return created
-
-    def _grant(
-        self,
-        task: Mapping[str, Any],
-        spec: TaskSpec,
-        world: World,
-        decision: Granted,
-        generation: int,
-    ) -> None:
-        plan = planned_grant(task, spec)
-        plan = replace(
-            plan,
-            grants=tuple(
-                NamespaceGrant(g.namespace, plan.service_account, plan.service_account, g.rules)
-                for g in decision.grants
-            ),
-            policies=tuple(decision.policy_keys),
-            expires_at=decision.expires_at,
-            granted_at=decision.granted_at,
-            pod_uid=world.pod.uid if world.pod else None,
-        )
-        try:
-            plan = replace(plan, object_uids=self._create_objects(task, plan, decision, world.pod))
-        except KubeError as exc:
-            log.warning("issuing %s failed: %s", plan.ref, exc)
-            self._end_unissued(task, spec, Reason.ISSUE_FAILED, f"could not issue the grant: {exc}")
-            self.metrics.issue_failed()
-            return
-        uid = plan.uid
-        self.registry.add(plan)
-        self.deadlines.schedule(uid, decision.expires_at)
-        now = self.clock()
-        new_status = self._active_status(task, plan)
-        # The audit line goes first (write-ahead): a token exists now. A crash from here
-        # on can repeat the line, never lose it.
-        self.audit.write(
-            audit.record(
-                "granted",
-                task,
-                reason=Reason.POLICY_ALLOWED,
-                phase=Phase.ACTIVE,
-                message=new_status["message"],
-                requested=_requested(spec),
-                requester=_requester(spec),
-                granted=[g.to_status() for g in plan.grants],
-                policies=[
-                    {"name": p.key, "kind": p.kind, "resourceVersion": p.resource_version}
-                    for p in decision.policies
-                ],
-                objects=self._object_list(plan),
-                granted_at=st.rfc3339(decision.granted_at),
-                expires_at=st.rfc3339(decision.expires_at),
-                now=now,
-            )
-        )
-        try:
-            self._write_status(task, new_status)
-        except KubeError as exc:
-            # The task went away or cannot record its grant: take everything back.
-            log.warning("recording the grant of %s failed (%s); revoking", plan.ref, exc)
-            self.revoke(
-                plan, Reason.ISSUE_FAILED, f"could not record the grant: {exc}", write_status=False
-            )
-            if not isinstance(exc, NotFound):
-                raise
-            return
-        checkpoint("issue:status")
-        self._event(task, "Normal", Reason.POLICY_ALLOWED, new_status["message"], "Grant", spec)
-        self.metrics.granted(self._first_seen.pop(uid, None) or plan.created_at, now)
-        # Something that may end grants (a pod finishing, a policy, namespace or agent
-        # change; each bumps the generation before it looks at the registry) happened
-        # while we were issuing: check now. Otherwise the handlers see it in the registry.
-        if self.registry.generation != generation:
-            self._recheck_soon(uid)
-
     def _recheck_soon(self, uid: str) -> None:
         """Re-check a live grant now; if the API fails, again shortly (never lost)."""
         live = self.registry.get(uid)
@@ -479,34 +239,6 @@ class Service:
             log.warning("re-checking %s failed (%s); again shortly", live.ref, exc)
             self._pending_recheck.add(uid)
             self.deadlines.schedule(uid, self.clock() + RETRY_DELAY)
-
-    def _active_status(self, task: Mapping[str, Any], grant: LiveGrant) -> dict[str, Any]:
-        assert grant.granted_at and grant.expires_at
-        rules = sum(len(g.rules) for g in grant.grants)
-        where = ", ".join(sorted({g.namespace for g in grant.grants}))
-        message = (
-            f"granted {rules} rule{'s' if rules != 1 else ''} in {where} until "
-            f"{st.rfc3339(grant.expires_at)} by {', '.join(grant.policies)}"
-        )
-        new_status = st.active(
-            task,
-            message,
-            grant.service_account,
-            grant.secret,
-            grant.granted_at,
-            grant.expires_at,
-            list(grant.policies),
-            [g.to_status() for g in grant.grants],
-            self.clock(),
-            _requester(grant.spec),
-        )
-        if grant.pod_uid:
-            new_status["podUID"] = grant.pod_uid
-        return new_status
-
-    @staticmethod
-    def _object_list(grant: LiveGrant) -> list[dict[str, str]]:
-        return [{"kind": k, "namespace": ns, "name": n} for k, ns, n in grant.objects()]
 
     # -- revocation --------------------------------------------------------------------------
 
@@ -586,19 +318,6 @@ class Service:
         self.registry.forget_lock(grant.uid)
         return True
 
-    def revoke_many(self, items: list[tuple[LiveGrant, Reason, str, str]]) -> None:
-        """Revoke in parallel; bindings of every grant go before any other deletion."""
-        if not items:
-            return
-        triggered = self.clock()
-        for grant, _, _, _ in items:  # 403 for all of them first
-            self.pool.submit(self.owned.delete_grant_part, grant, grant.bindings())
-        futures = [
-            self.pool.submit(self.revoke, g, r, m, None, True, triggered, d) for g, r, m, d in items
-        ]
-        for f in futures:
-            f.result()
-
     def _record_end(self, stub: dict[str, Any], status: dict[str, Any]) -> None:
         """Write an ended grant's status; on an API error, again shortly."""
         uid = stub["metadata"]["uid"]
@@ -617,8 +336,14 @@ class Service:
         grant = self.registry.get(uid)
         if grant is None:
             pending = self._pending_status.pop(uid, None)
-            if pending:
-                self._record_end(*pending)
+            if pending:  # later on: only if the name still holds this very task
+                meta = pending[0]["metadata"]
+                try:
+                    current = self.kube.get(AGENT_TASKS, meta["namespace"], meta["name"])
+                except KubeError:
+                    current = {"metadata": {"uid": uid}}  # try the write; it retries
+                if current and current["metadata"].get("uid") == uid:
+                    self._record_end(*pending)
             return
         retry = self._retry.get(uid)
         if retry:
@@ -669,19 +394,76 @@ class Service:
             self._reevaluate(affected)
 
     def _reevaluate(self, grants: list[LiveGrant]) -> None:
+        """Re-evaluate after an outside change; if the API fails, each grant is re-checked
+        on its own shortly (a watch event is not delivered twice)."""
+        try:
+            self._reevaluate_now(grants)
+        except KubeError as exc:
+            log.warning("re-evaluating %d grants failed (%s); again shortly", len(grants), exc)
+            for grant in grants:
+                self._pending_recheck.add(grant.uid)
+                self.deadlines.schedule(grant.uid, self.clock() + RETRY_DELAY)
+
+    def _reevaluate_now(self, grants: list[LiveGrant]) -> None:
         targets = sorted({g.namespace for grant in grants for g in grant.grants})
         policies = self.facts.policies(targets if len(targets) <= 3 else None)
         namespaces = self.facts.namespaces(targets if len(targets) <= 3 else None)
+        triggered = self.clock()
         ending = []
-        for grant in grants:
+        # Cheapest first, and each grant that must end starts ending at once (its
+        # bindings first): a few costly requests cannot hold up everyone's revocation.
+        for grant in sorted(grants, key=lambda g: g.spec.atom_count):
             try:
                 denied = reevaluate(grant.spec, policies, namespaces, grant.policies)
             except Exception:  # one grant's trouble never spares the others
                 log.exception("re-evaluating %s failed; revoking it", grant.ref)
                 denied = Denied(Reason.POLICY_CHANGED, "policies changed; could not re-evaluate")
-            if denied:
-                ending.append((grant, denied.reason, denied.message, denied.detail))
-        self.revoke_many(ending)
+            if not denied:
+                self._clamp(grant, ttl_ceiling(grant.spec, policies, namespaces))
+            else:
+                self.pool.submit(self.owned.delete_grant_part, grant, grant.bindings())
+                ending.append(
+                    self.pool.submit(
+                        self.revoke,
+                        grant,
+                        denied.reason,
+                        denied.message,
+                        None,
+                        True,
+                        triggered,
+                        denied.detail,
+                    )
+                )
+        for future in ending:
+            future.result()
+
+    def _clamp(self, grant: LiveGrant, ttl: timedelta | None) -> None:
+        """A policy now allows a shorter grant (its maxTTL went down): end earlier."""
+        if ttl is None or grant.granted_at is None or grant.expires_at is None:
+            return
+        deadline = grant.granted_at + ttl
+        if deadline >= grant.expires_at:
+            return
+        with self.registry.lock(grant.uid):
+            live = self.registry.get(grant.uid)
+            if live is None:
+                return
+            self.registry.add(replace(live, expires_at=deadline))
+            self.deadlines.schedule(grant.uid, deadline)
+        until = st.rfc3339(deadline)
+        message = f"policies changed: the grant now ends at {until} (maxTTL lowered)"
+        log.info("%s: %s", grant.ref, message)
+        try:  # the records a restart reads: the identity's annotation and the status
+            self.kube.merge_patch(
+                SERVICE_ACCOUNTS,
+                grant.namespace,
+                grant.service_account,
+                {"metadata": {"annotations": {ANNOTATION_EXPIRES_AT: until}}},
+            )
+            self._write_status(_stub(grant), {"expiresAt": until})
+        except KubeError as exc:
+            log.warning("could not record the earlier end of %s: %s", grant.ref, exc)
+        self._event(_stub(grant), "Normal", Reason.POLICY_CHANGED, message, "Shorten", grant.spec)
 
     def on_task_deleted(self, task: Mapping[str, Any]) -> None:
         meta = task["metadata"]

@@ -229,6 +229,12 @@ def test_admission_policies_name_the_releases_own_identity():
     }
     text = yaml.safe_dump(policies)
     assert "system:serviceaccount:platform-access:broker" in text
+    lease = next(d for d in policies if d["metadata"]["name"] == "agentaccess.io-leader-lease")
+    variables = {v["name"]: v["expression"] for v in lease["spec"]["variables"]}
+    assert variables["lease"] == '"agent-access-operator"'  # the release's full name
+    other = docs(render("--set", "fullnameOverride=broker"))
+    lease = next(d for d in other if d["metadata"]["name"] == "agentaccess.io-leader-lease")
+    assert {v["name"]: v["expression"] for v in lease["spec"]["variables"]}["lease"] == '"broker"'
     assert "agent-access-system" not in text
     assert not [
         d

@@ -619,3 +619,63 @@ def test_audit_marks_forged_events_and_escapes_control_characters(world, operato
     assert "event?" in forged
     granted = next(line for line in out.splitlines() if "PolicyAllowed" in line and "event" in line)
     assert "event?" not in granted
+
+
+def test_lowering_max_ttl_shortens_live_grants(world, operator):
+    """A grant issued under maxTTL 1h ends when the owner lowers maxTTL to 3s (from
+    when it was granted), instead of keeping its hour."""
+    agents, target = scene(world)
+    task = active(world, agents, target, ttl="1h")
+    name = task["metadata"]["name"]
+    client = as_token(world.kubeconfig, world.token(task))
+    world.kube.merge_patch(ACCESS_POLICIES, target, "read", {"spec": {"maxTTL": "3s"}})
+    poll_status(lambda: list_pods_status(client, target), {401, 403}, 8)
+    final = world.wait_phase(agents, name, {"Expired", "Revoked"})
+    assert final["status"]["phase"] in ("Expired", "Revoked")
+
+
+def test_protected_namespaces_are_never_granted_into(world, operator):
+    agents, target = scene(world)
+    task = active(world, agents, target)
+    client = as_token(world.kubeconfig, world.token(task))
+    from agent_access.kube import NAMESPACES
+
+    world.kube.merge_patch(
+        NAMESPACES, None, target, {"metadata": {"labels": {"agentaccess.io/protected": "true"}}}
+    )
+    poll_status(lambda: list_pods_status(client, target), {401, 403}, 5)
+    got = world.wait_phase(agents, task["metadata"]["name"], "Revoked")
+    assert got["status"]["reason"] == "PolicyChanged"
+    later = active(world, agents, target)
+    assert later["status"]["reason"] == "Forbidden" and "protected" in later["status"]["message"]
+
+
+def test_only_the_operator_writes_its_leader_lease(world, operator):
+    """crds/ protects the default install's Lease (agent-access-system/agent-access-operator)
+    from everyone but the operator and cluster admins."""
+    from agent_access.kube import NAMESPACES
+    from agent_access.leader import LEASES
+
+    ns = "agent-access-system"
+    if world.kube.get(NAMESPACES, None, ns) is None:
+        world.kube.create(NAMESPACES, None, {"metadata": {"name": ns}})
+    if world.kube.get(LEASES, ns, "agent-access-operator") is None:
+        world.kube.create(
+            LEASES,
+            ns,
+            {"metadata": {"name": "agent-access-operator"}, "spec": {"holderIdentity": "op"}},
+        )
+    allow(
+        world,
+        ns,
+        "mallory",
+        ["leases"],
+        ["get", "update", "patch", "delete"],
+        group="coordination.k8s.io",
+    )
+    mallory = as_user(world.kubeconfig, "mallory")
+    patch = {"spec": {"holderIdentity": "mallory"}}
+    assert (
+        status_code(lambda: mallory.merge_patch(LEASES, ns, "agent-access-operator", patch)) == 403
+    )
+    assert status_code(lambda: mallory.delete(LEASES, ns, "agent-access-operator")) == 403

@@ -238,3 +238,79 @@ def test_metrics_listen_on_loopback_unless_told():
     from agent_access.cli import build_parser
 
     assert build_parser().parse_args(["run"]).metrics_host == "127.0.0.1"
+
+
+def test_a_group_entry_does_not_let_agents_ask_for_each_other():
+    """`requesters: [Group system:serviceaccounts:agents]` means "only agents may ask",
+    not "any agent may ask as any other"."""
+    mallory = _as("system:serviceaccount:agents:mallory", ["system:serviceaccounts:agents"])
+    grouped = policy(requesters=[{"kind": "Group", "name": "system:serviceaccounts:agents"}])
+    d = _evaluate(spec(), mallory, grouped)
+    assert isinstance(d, Denied) and d.reason == Reason.REQUESTER_NOT_ALLOWED
+    bot = _as("system:serviceaccount:agents:bot", ["system:serviceaccounts:agents"])
+    assert isinstance(_evaluate(spec(), bot, grouped), Granted)
+
+
+def test_protected_namespaces_are_never_granted_into():
+    w = world(policy(), namespaces={"payments": {"agentaccess.io/protected": "true"}})
+    d = decide("agents", spec(), w, NOW)
+    assert isinstance(d, Denied) and d.reason == Reason.FORBIDDEN
+
+
+def test_a_costly_decision_is_refused_before_it_is_made():
+    many = [
+        policy(name=f"p{i}", rules=[{"apiGroups": ["x"], "resources": ["y"], "verbs": ["z"]}] * 256)
+        for i in range(10)
+    ]
+    rule = {
+        "apiGroups": [""],
+        "resources": [f"r{i}" for i in range(32)],
+        "verbs": ["get"],
+        "resourceNames": [f"n{i}" for i in range(100)],
+    }
+    import time
+
+    started = time.monotonic()
+    d = decide("agents", spec(rules=[rule]), world(*many), NOW)
+    assert time.monotonic() - started < 0.5
+    assert isinstance(d, Denied) and d.reason == Reason.INVALID_SPEC
+    assert "too large" in d.message
+
+
+def test_lower_max_ttl_gives_a_shorter_ceiling():
+    from agent_access.engine import parse_task_spec as parse
+    from agent_access.engine import ttl_ceiling
+
+    task = parse("agents", spec(ttl="2h"))
+    namespaces = {"payments": {}}
+    assert ttl_ceiling(task, [policy(maxTTL="1h")], namespaces).total_seconds() == 3600
+    assert ttl_ceiling(task, [policy(maxTTL="10m")], namespaces).total_seconds() == 600
+    assert ttl_ceiling(task, [], namespaces) is None
+
+
+def test_events_count_only_when_an_audit_line_confirms_them():
+    from agent_access.audit import render_text, timeline
+
+    line = {
+        "time": "2026-11-28T16:00:00.400000Z",
+        "event": "granted",
+        "reason": "PolicyAllowed",
+        "message": "granted 1 rule in payments",
+        "task": {"name": "t", "namespace": "agents", "uid": "u"},
+    }
+    real = {
+        "reason": "PolicyAllowed",
+        "message": "granted 1 rule in payments (requester a)",
+        "lastTimestamp": "2026-11-28T16:00:01Z",
+    }
+    forged = {
+        "reason": "PolicyAllowed",
+        "message": "granted everything",
+        "lastTimestamp": "2026-11-28T16:00:01Z",
+    }
+    late = {**real, "lastTimestamp": "2026-11-28T16:00:30Z"}
+    path = timeline(None, [real, forged, late], [line])
+    events = [e for e in path["timeline"] if e["source"] == "event"]
+    assert [e["verified"] for e in events] == [True, False, False]
+    text = render_text([{**path, "task": {**path["task"], "intent": "x\x1b[2Jy\u202e"}}])
+    assert "\x1b" not in text and "\u202e" not in text and "\\x1b" in text

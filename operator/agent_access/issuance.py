@@ -1,0 +1,360 @@
+"""Issuance: decide a task and, when allowed, create its grant, all or nothing.
+
+A mixin of the grant service (service.py), which owns the state it uses (registry,
+deadlines, the adapter) and revocation; split out to keep each concern readable.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from . import audit, objects
+from . import status as st
+from .engine import Denied, Granted, PodFacts, SpecError, TaskSpec, World, evaluate, parse_task
+from .facts import Facts
+from .faults import checkpoint
+from .kube import SECRETS, Kube, KubeError, NotFound
+from .metrics import Metrics
+from .model import (
+    ANNOTATION_EXPIRES_AT,
+    ANNOTATION_GRANTED_AT,
+    ANNOTATION_POD_UID,
+    ANNOTATION_POLICIES,
+    API_VERSION,
+    Phase,
+    Reason,
+)
+from .owned import Owned
+from .rules import Guardrails
+from .runtime import (
+    ROLE,
+    ROLE_BINDING,
+    SECRET,
+    SERVICE_ACCOUNT,
+    Deadlines,
+    LiveGrant,
+    NamespaceGrant,
+    ObjectRef,
+    Registry,
+    planned_grant,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _compact(status: Mapping[str, Any]) -> dict[str, Any]:
+    """Drop unknown (None) values so a merge patch never deletes a field by accident."""
+    out = {k: v for k, v in status.items() if v is not None}
+    if "conditions" in out:
+        out["conditions"] = [
+            {k: v for k, v in c.items() if v is not None} for c in out["conditions"]
+        ]
+    return out
+
+
+def _stub(grant: LiveGrant, generation: int | None = None) -> dict[str, Any]:
+    """A minimal AgentTask body for events, status and audit of a known grant."""
+    meta: dict[str, Any] = {"name": grant.name, "namespace": grant.namespace, "uid": grant.uid}
+    if generation is not None:
+        meta["generation"] = generation
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "AgentTask",
+        "metadata": meta,
+        "spec": {
+            "agent": grant.spec.agent,
+            "intent": grant.spec.intent,
+            "podName": grant.spec.pod_name,
+            "audiences": list(grant.spec.audiences),
+        },
+    }
+
+
+def _requested(spec: TaskSpec) -> list[dict[str, Any]]:
+    return [
+        {"namespace": e.namespace, "rules": [r.to_dict() for r in e.rules]} for e in spec.access
+    ]
+
+
+def _requester(spec: TaskSpec | None) -> dict[str, Any] | None:
+    return spec.requester.to_dict() if spec and spec.requester else None
+
+
+class Issuance:
+    """Decide and issue. Expects the attributes and methods of `service.Service`."""
+
+    kube: Kube
+    audit: audit.AuditLog
+    metrics: Metrics
+    guardrails: Guardrails
+    clock: Callable[[], datetime]
+    registry: Registry
+    deadlines: Deadlines
+    facts: Facts
+    owned: Owned
+    ended: set[str]
+    _first_seen: dict[str, datetime]
+
+    def revoke(self, grant: LiveGrant, reason: Reason, message: str, *args: Any, **kw: Any) -> bool:
+        raise NotImplementedError
+
+    def delete_objects(self, grant: LiveGrant) -> datetime:
+        raise NotImplementedError
+
+    def _recheck_soon(self, uid: str) -> None:
+        raise NotImplementedError
+
+    def _write_status(self, task: Mapping[str, Any], status: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _event(
+        self,
+        task: Mapping[str, Any],
+        kind: str,
+        reason: str,
+        message: str,
+        action: str,
+        spec: TaskSpec | None = None,
+    ) -> None:
+        raise NotImplementedError
+
+    def issue(self, task: Mapping[str, Any]) -> None:
+        try:
+            spec = parse_task(task)
+        except SpecError as exc:
+            self._deny(task, Denied(Reason.INVALID_SPEC, str(exc)), None)
+            return
+        if spec.cancel:
+            self._end_unissued(task, spec, Reason.CANCELLED, "cancelled before access was granted")
+            return
+        generation = self.registry.generation
+        world = self.facts.world(spec)
+        decision = evaluate(spec, world, self.clock(), self.guardrails)
+        if isinstance(decision, Denied):
+            self._deny(task, decision, spec)
+            return
+        self._grant(task, spec, world, decision, generation)
+
+    def _deny(self, task: Mapping[str, Any], denied: Denied, spec: TaskSpec | None) -> None:
+        now = self.clock()
+        uid = task["metadata"]["uid"]
+        self._first_seen.pop(uid, None)
+        self._write_status(
+            task, st.denied(task, denied.reason, denied.message, now, _requester(spec))
+        )
+        self.ended.add(uid)  # only once recorded: a failed write is retried
+        self._event(task, "Warning", denied.reason, denied.message, "Deny", spec)
+        self.audit.write(
+            audit.record(
+                "denied",
+                task,
+                reason=denied.reason,
+                phase=Phase.DENIED,
+                message=denied.message,
+                detail=denied.detail or None,
+                requested=_requested(spec) if spec else [],
+                requester=_requester(spec),
+                ended_at=st.rfc3339(now),
+                now=now,
+            )
+        )
+        self.metrics.denied(denied.reason)
+
+    def _end_unissued(self, task: Mapping[str, Any], spec: TaskSpec, reason: Reason, msg: str):
+        now = self.clock()
+        uid = task["metadata"]["uid"]
+        self._first_seen.pop(uid, None)
+        self._write_status(task, st.ended(task, reason, msg, now, _requester(spec)))
+        self.ended.add(uid)
+        self._event(task, "Normal", reason, msg, "Revoke", spec)
+        self.audit.write(
+            audit.record(
+                "ended",
+                task,
+                reason=reason,
+                phase=st.END_PHASE[reason],
+                message=msg,
+                requested=_requested(spec),
+                requester=_requester(spec),
+                ended_at=st.rfc3339(now),
+                now=now,
+            )
+        )
+
+    def _create_objects(
+        self, task: Mapping[str, Any], plan: LiveGrant, decision: Granted, pod: PodFacts | None
+    ) -> dict[ObjectRef, str]:
+        """Create every object of the grant; raise KubeError on the first failure.
+
+        Returns the UID of each object created (revocation deletes exactly those).
+        """
+        ns, uid = plan.namespace, plan.uid
+        created: dict[ObjectRef, str] = {}
+
+        def make(kind: str, body: dict[str, Any]) -> dict[str, Any]:
+            obj = self.owned.create(kind, body, uid)
+            meta = body["metadata"]
+            created[(kind, meta["namespace"], meta["name"])] = obj["metadata"]["uid"]
+            return obj
+
+        owners = objects.owners_in_task_namespace(task, (pod.name, pod.uid) if pod else None)
+        record = {
+            ANNOTATION_EXPIRES_AT: st.rfc3339(decision.expires_at),
+            ANNOTATION_GRANTED_AT: st.rfc3339(decision.granted_at),
+            ANNOTATION_POLICIES: ",".join(decision.policy_keys),
+        }
+        if pod:
+            record[ANNOTATION_POD_UID] = pod.uid
+        try:
+            make(
+                SERVICE_ACCOUNT,
+                objects.service_account(task, plan.service_account, owners, record),
+            )
+            checkpoint("issue:serviceaccount")
+            for g in plan.grants:
+                make(ROLE, objects.role(task, g.namespace, g.role, g.rules))
+                checkpoint("issue:role")
+                make(
+                    ROLE_BINDING,
+                    objects.role_binding(task, g.namespace, g.binding, ns, plan.service_account),
+                )
+                checkpoint("issue:rolebinding")
+            expires = st.rfc3339(decision.expires_at)
+            secret = make(
+                SECRET,
+                objects.token_secret(task, plan.secret, owners, plan.service_account, expires),
+            )
+            checkpoint("issue:secret")
+            make(ROLE, objects.token_reader_role(task, plan.reader, plan.secret))
+            make(ROLE_BINDING, objects.token_reader_binding(task, plan.reader, plan.spec.agent))
+            token, _ = self.kube.request_token(
+                ns,
+                plan.service_account,
+                objects.token_seconds(int(decision.ttl.total_seconds())),
+                plan.spec.audiences,
+                {
+                    "apiVersion": "v1",
+                    "kind": "Secret",
+                    "name": plan.secret,
+                    "uid": secret["metadata"]["uid"],
+                },
+            )
+            encoded = base64.b64encode(token.encode()).decode()
+            del token
+            self.kube.merge_patch(SECRETS, ns, plan.secret, {"data": {"token": encoded}})
+            checkpoint("issue:token")
+        except KubeError:
+            self.delete_objects(replace(plan, object_uids=created))
+            raise
+        return created
+
+    def _grant(
+        self,
+        task: Mapping[str, Any],
+        spec: TaskSpec,
+        world: World,
+        decision: Granted,
+        generation: int,
+    ) -> None:
+        plan = planned_grant(task, spec)
+        plan = replace(
+            plan,
+            grants=tuple(
+                NamespaceGrant(g.namespace, plan.service_account, plan.service_account, g.rules)
+                for g in decision.grants
+            ),
+            policies=tuple(decision.policy_keys),
+            expires_at=decision.expires_at,
+            granted_at=decision.granted_at,
+            pod_uid=world.pod.uid if world.pod else None,
+        )
+        try:
+            plan = replace(plan, object_uids=self._create_objects(task, plan, decision, world.pod))
+        except KubeError as exc:
+            log.warning("issuing %s failed: %s", plan.ref, exc)
+            self._end_unissued(task, spec, Reason.ISSUE_FAILED, f"could not issue the grant: {exc}")
+            self.metrics.issue_failed()
+            return
+        uid = plan.uid
+        lock = self.registry.lock(uid)
+        with lock:
+            self.registry.add(plan)
+            self.deadlines.schedule(uid, decision.expires_at)
+        now = self.clock()
+        new_status = self._active_status(task, plan)
+        # The audit line goes first (write-ahead): a token exists now. A crash from here
+        # on can repeat the line, never lose it.
+        self.audit.write(
+            audit.record(
+                "granted",
+                task,
+                reason=Reason.POLICY_ALLOWED,
+                phase=Phase.ACTIVE,
+                message=new_status["message"],
+                requested=_requested(spec),
+                requester=_requester(spec),
+                granted=[g.to_status() for g in plan.grants],
+                policies=[
+                    {"name": p.key, "kind": p.kind, "resourceVersion": p.resource_version}
+                    for p in decision.policies
+                ],
+                objects=self._object_list(plan),
+                granted_at=st.rfc3339(decision.granted_at),
+                expires_at=st.rfc3339(decision.expires_at),
+                now=now,
+            )
+        )
+        try:
+            with lock:  # a revocation racing us writes its end after this, not before
+                if self.registry.get(uid) is plan:
+                    self._write_status(task, new_status)
+        except KubeError as exc:
+            # The task went away or cannot record its grant: take everything back.
+            log.warning("recording the grant of %s failed (%s); revoking", plan.ref, exc)
+            self.revoke(
+                plan, Reason.ISSUE_FAILED, f"could not record the grant: {exc}", write_status=False
+            )
+            if not isinstance(exc, NotFound):
+                raise
+            return
+        checkpoint("issue:status")
+        self._event(task, "Normal", Reason.POLICY_ALLOWED, new_status["message"], "Grant", spec)
+        self.metrics.granted(self._first_seen.pop(uid, None) or plan.created_at, now)
+        # Something that may end grants (a pod finishing, a policy, namespace or agent
+        # change; each bumps the generation before it looks at the registry) happened
+        # while we were issuing: check now. Otherwise the handlers see it in the registry.
+        if self.registry.generation != generation:
+            self._recheck_soon(uid)
+
+    def _active_status(self, task: Mapping[str, Any], grant: LiveGrant) -> dict[str, Any]:
+        assert grant.granted_at and grant.expires_at
+        rules = sum(len(g.rules) for g in grant.grants)
+        where = ", ".join(sorted({g.namespace for g in grant.grants}))
+        message = (
+            f"granted {rules} rule{'s' if rules != 1 else ''} in {where} until "
+            f"{st.rfc3339(grant.expires_at)} by {', '.join(grant.policies)}"
+        )
+        new_status = st.active(
+            task,
+            message,
+            grant.service_account,
+            grant.secret,
+            grant.granted_at,
+            grant.expires_at,
+            list(grant.policies),
+            [g.to_status() for g in grant.grants],
+            self.clock(),
+            _requester(grant.spec),
+        )
+        if grant.pod_uid:
+            new_status["podUID"] = grant.pod_uid
+        return new_status
+
+    @staticmethod
+    def _object_list(grant: LiveGrant) -> list[dict[str, str]]:
+        return [{"kind": k, "namespace": ns, "name": n} for k, ns, n in grant.objects()]
