@@ -1,4 +1,5 @@
-"""A proxy in front of kube-apiserver that answers a share of requests with 429 or 5xx.
+"""A proxy in front of kube-apiserver that answers a share of requests with 429 or 5xx,
+and can hold chosen requests for a while (to land a change in the middle of a step).
 
 The operator talks plain HTTP to 127.0.0.1:<port>; the proxy forwards to the real
 API server with the admin client certificate, streams watches untouched, and for
@@ -47,6 +48,8 @@ class FaultProxy:
         self.ssl.load_cert_chain(str(workdir / "client.crt"), str(workdir / "client.key"))
         self.rate = rate
         self.random = random.Random(seed)
+        #: (method, path fragment) -> seconds to hold such requests before forwarding
+        self.delays: dict[tuple[str, str], float] = {}
         self.injected: Counter[str] = Counter()
         self.port = free_port()
         self.kubeconfig = str(workdir / "proxy.kubeconfig")
@@ -101,6 +104,9 @@ class FaultProxy:
             }
             headers = {"Retry-After": "0"} if code == 429 else {}
             return web.json_response(body, status=code, headers=headers)
+        for (method, fragment), seconds in self.delays.items():
+            if request.method == method and fragment in request.path:
+                await asyncio.sleep(seconds)
         data = await request.read()
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
         async with self._session.request(

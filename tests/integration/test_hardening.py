@@ -139,37 +139,66 @@ def test_planted_annotations_at_create_are_refused(world, operator):
 # -- the operator acts on facts it owns, whatever got written ----------------------------
 
 
+def _kopf_essence(body: dict) -> str:
+    """What kopf (with annotation storage) records as "last handled" for this body."""
+    import json
+
+    import kopf
+
+    storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="agentaccess.io", key="last-handled-configuration"
+    )
+    return json.dumps(storage.build(body=kopf.Body(body)), separators=(",", ":")) + "\n"
+
+
 def test_planted_progress_annotations_do_not_stop_cancel_or_deletion(world, operator):
-    """As an admin (past admission): kopf's old bookkeeping annotations, planted with a
-    spec that already says cancel, neither make cancel a no-op nor deletion skip
-    revocation."""
+    """As an admin (past admission), the attacks that worked on kopf's annotation
+    bookkeeping: cancel together with a planted "last handled" record that already
+    says cancel (kopf then sees no change), and a planted "delete handler succeeded"
+    record before deletion. Both still revoke."""
+    import copy
+
     agents, target = scene(world)
-    for ending in ("cancel", "delete"):
-        task = active(world, agents, target)
-        name = task["metadata"]["name"]
-        client = as_token(world.kubeconfig, world.token(task))
-        planted = '{"spec": {"cancel": true, "agent": "bot"}}'
-        world.kube.merge_patch(
-            AGENT_TASKS,
-            agents,
-            name,
-            {
-                "metadata": {
-                    "annotations": {
-                        "agentaccess.io/last-handled-configuration": planted,
-                        "agentaccess.io/reconcile_task": '{"success": true}',
-                        "agentaccess.io/task_deleted": '{"success": true}',
-                    }
+    # cancel with a matching planted record, in one write
+    task = active(world, agents, target)
+    name = task["metadata"]["name"]
+    client = as_token(world.kubeconfig, world.token(task))
+    cancelled = copy.deepcopy(world.get_task(agents, name))
+    cancelled["spec"]["cancel"] = True
+    world.kube.merge_patch(
+        AGENT_TASKS,
+        agents,
+        name,
+        {
+            "spec": {"cancel": True},
+            "metadata": {
+                "annotations": {
+                    "agentaccess.io/last-handled-configuration": _kopf_essence(cancelled)
                 }
             },
-        )
-        if ending == "cancel":
-            world.kube.merge_patch(AGENT_TASKS, agents, name, {"spec": {"cancel": True}})
-            world.wait_phase(agents, name, "Cancelled")
-        else:
-            world.kube.delete(AGENT_TASKS, agents, name)
-        poll_status(lambda c=client: list_pods_status(c, target), {401, 403}, 5)
-        wait_for(lambda t=task: world.task_objects(t) == [], 5, what="no objects left")
+        },
+    )
+    world.wait_phase(agents, name, "Cancelled")
+    poll_status(lambda: list_pods_status(client, target), {401, 403}, 5)
+    wait_for(lambda: world.task_objects(task) == [], 5, what="no objects left")
+    # deletion with a planted "the delete handler already succeeded"
+    task = active(world, agents, target)
+    name = task["metadata"]["name"]
+    client = as_token(world.kubeconfig, world.token(task))
+    done = (
+        '{"started":"2026-01-01T00:00:00.000000+00:00","stopped":'
+        '"2026-01-01T00:00:01.000000+00:00","purpose":"delete","retries":1,'
+        '"success":true,"failure":false}'
+    )
+    world.kube.merge_patch(
+        AGENT_TASKS,
+        agents,
+        name,
+        {"metadata": {"annotations": {"agentaccess.io/task_deleted": done}}},
+    )
+    world.kube.delete(AGENT_TASKS, agents, name)
+    poll_status(lambda: list_pods_status(client, target), {401, 403}, 5)
+    wait_for(lambda: world.task_objects(task) == [], 5, what="no objects left")
 
 
 def test_forged_status_neither_ends_nor_extends_a_grant(world, operator):
@@ -679,3 +708,27 @@ def test_only_the_operator_writes_its_leader_lease(world, operator):
         status_code(lambda: mallory.merge_patch(LEASES, ns, "agent-access-operator", patch)) == 403
     )
     assert status_code(lambda: mallory.delete(LEASES, ns, "agent-access-operator")) == 403
+
+
+def test_a_namespace_relabelled_during_issuance_is_rechecked(world, solo, kubeconfig, tmp_path):
+    """The namespace leaves a ClusterAccessPolicy's selector while the grant is being
+    issued (its RoleBinding is held up by a proxy): the new grant is re-checked and
+    revoked at once instead of living on."""
+    from agent_access.kube import NAMESPACES
+
+    from .faultproxy import FaultProxy
+
+    proxy = FaultProxy(kubeconfig, tmp_path, rate=0.0)
+    proxy.delays[("POST", "/rolebindings")] = 1.5
+    solo(config=proxy.kubeconfig)
+    agents = world.namespace("relabel-agents")
+    tier = unique("tier")
+    target = world.namespace("relabel-target", labels={"tier": tier})
+    world.service_account(agents, "bot")
+    world.cluster_policy(unique("cap"), [(agents, "bot")], READ, {"matchLabels": {"tier": tier}})
+    name = unique("mid")
+    world.task(agents, name, "bot", [{"namespace": target, "rules": READ}])
+    time.sleep(0.7)  # the operator is now waiting on its RoleBinding
+    world.kube.merge_patch(NAMESPACES, None, target, {"metadata": {"labels": {"tier": None}}})
+    got = world.wait_phase(agents, name, {"Revoked", "Denied"}, timeout=15)
+    assert got["status"]["reason"] == "PolicyChanged", got["status"]
