@@ -18,7 +18,7 @@ from . import status as st
 from .engine import Denied, Granted, PodFacts, SpecError, TaskSpec, World, evaluate, parse_task
 from .facts import Facts
 from .faults import checkpoint
-from .kube import SECRETS, Kube, KubeError, NotFound
+from .kube import AGENT_TASKS, SECRETS, Kube, KubeError, NotFound
 from .metrics import Metrics
 from .model import (
     ANNOTATION_EXPIRES_AT,
@@ -110,7 +110,10 @@ class Issuance:
         raise NotImplementedError
 
     def _write_status(self, task: Mapping[str, Any], status: Mapping[str, Any]) -> None:
-        raise NotImplementedError
+        meta = task["metadata"]
+        self.kube.merge_patch(
+            AGENT_TASKS, meta["namespace"], meta["name"], {"status": _compact(status)}, "status"
+        )
 
     def _event(
         self,
@@ -121,7 +124,13 @@ class Issuance:
         action: str,
         spec: TaskSpec | None = None,
     ) -> None:
-        raise NotImplementedError
+        requester = spec.requester.username if spec and spec.requester else None
+        if requester:
+            message = f"{message} (requester {requester})"
+        try:
+            self.kube.post_event(task, kind, str(reason), message, action)
+        except KubeError as exc:
+            log.warning("could not post event on %s: %s", task["metadata"].get("name"), exc)
 
     def issue(self, task: Mapping[str, Any]) -> None:
         try:

@@ -25,7 +25,6 @@ from .engine import (
     Denied,
     PodFacts,
     SpecError,
-    TaskSpec,
     check_guardrails,
     parse_task,
     reevaluate,
@@ -33,7 +32,7 @@ from .engine import (
 )
 from .facts import Facts, pod_facts
 from .faults import checkpoint
-from .issuance import Issuance, _compact, _requested, _requester, _stub
+from .issuance import Issuance, _requested, _requester, _stub
 from .kube import AGENT_TASKS, PODS, SERVICE_ACCOUNTS, Kube, KubeError, NotFound
 from .metrics import Metrics
 from .model import (
@@ -512,28 +511,3 @@ class Service(Issuance):
         from .recovery import recover
 
         recover(self)
-
-    # -- writing -----------------------------------------------------------------------------
-
-    def _write_status(self, task: Mapping[str, Any], status: Mapping[str, Any]) -> None:
-        meta = task["metadata"]
-        self.kube.merge_patch(
-            AGENT_TASKS, meta["namespace"], meta["name"], {"status": _compact(status)}, "status"
-        )
-
-    def _event(
-        self,
-        task: Mapping[str, Any],
-        kind: str,
-        reason: str,
-        message: str,
-        action: str,
-        spec: TaskSpec | None = None,
-    ) -> None:
-        requester = spec.requester.username if spec and spec.requester else None
-        if requester:
-            message = f"{message} (requester {requester})"
-        try:
-            self.kube.post_event(task, kind, str(reason), message, action)
-        except KubeError as exc:
-            log.warning("could not post event on %s: %s", task["metadata"].get("name"), exc)

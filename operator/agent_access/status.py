@@ -69,18 +69,8 @@ def denied(
     now: datetime,
     requester: Mapping[str, Any] | None = None,
 ) -> dict:
-    status, generation = _base(task, requester)
-    status.update(
-        phase=Phase.DENIED.value,
-        reason=reason.value,
-        message=message,
-        observedGeneration=generation,
-        endedAt=rfc3339(now),
-    )
-    status["conditions"] = set_condition(
-        status.get("conditions"), False, reason.value, message, generation, now
-    )
-    return status
+    """Never granted; nothing was created."""
+    return _final(task, Phase.DENIED, reason, message, now, requester)
 
 
 def active(
@@ -122,9 +112,20 @@ def ended(
     requester: Mapping[str, Any] | None = None,
 ) -> dict:
     """A grant that was live (or being issued) has ended; the record stays for audit."""
+    return _final(task, END_PHASE[reason], reason, message, now, requester)
+
+
+def _final(
+    task: Mapping[str, Any],
+    phase: Phase,
+    reason: Reason,
+    message: str,
+    now: datetime,
+    requester: Mapping[str, Any] | None,
+) -> dict:
     status, generation = _base(task, requester)
     status.update(
-        phase=END_PHASE[reason].value,
+        phase=phase.value,
         reason=reason.value,
         message=message,
         observedGeneration=generation,
