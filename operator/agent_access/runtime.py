@@ -80,11 +80,13 @@ class LiveGrant:
         return reader_name(self.service_account)
 
     def bindings(self) -> list[ObjectRef]:
-        out = [(ROLE_BINDING, g.namespace, g.binding) for g in self.grants]
-        return [*out, (ROLE_BINDING, self.namespace, self.reader)]
+        """The grant's RoleBindings: deleting them refuses the token (403) at once."""
+        return [(ROLE_BINDING, g.namespace, g.binding) for g in self.grants]
 
     def identity(self) -> list[ObjectRef]:
+        """The agent's read of the token, the ServiceAccount (401), then the Secret."""
         return [
+            (ROLE_BINDING, self.namespace, self.reader),
             (SERVICE_ACCOUNT, self.namespace, self.service_account),
             (SECRET, self.namespace, self.secret),
         ]

@@ -250,8 +250,8 @@ class Service(Issuance):
         self.owned.delete_grant_part(grant, grant.bindings())
         bindings_gone = self.clock()
         checkpoint("revoke:rolebindings")
-        sa, secret = grant.identity()
-        self.owned.delete_grant_part(grant, [sa])
+        reader, sa, secret = grant.identity()
+        self.owned.delete_grant_part(grant, [reader, sa])
         checkpoint("revoke:serviceaccount")
         self.owned.delete_grant_part(grant, [secret])
         checkpoint("revoke:secret")
@@ -408,9 +408,10 @@ class Service(Issuance):
         policies = self.facts.policies(targets if len(targets) <= 3 else None)
         namespaces = self.facts.namespaces(targets if len(targets) <= 3 else None)
         triggered = self.clock()
-        ending = []
-        # Cheapest first, and each grant that must end starts ending at once (its
-        # bindings first): a few costly requests cannot hold up everyone's revocation.
+        ending: list[tuple[LiveGrant, Denied]] = []
+        # Cheapest first, and each grant that must end loses its bindings (403) as soon
+        # as that is known, before any other revocation work is queued: a few costly
+        # requests cannot hold up everyone's revocation.
         for grant in sorted(grants, key=lambda g: g.spec.atom_count):
             try:
                 denied = reevaluate(grant.spec, policies, namespaces, grant.policies)
@@ -421,19 +422,12 @@ class Service(Issuance):
                 self._clamp(grant, ttl_ceiling(grant.spec, policies, namespaces))
             else:
                 self.pool.submit(self.owned.delete_grant_part, grant, grant.bindings())
-                ending.append(
-                    self.pool.submit(
-                        self.revoke,
-                        grant,
-                        denied.reason,
-                        denied.message,
-                        None,
-                        True,
-                        triggered,
-                        denied.detail,
-                    )
-                )
-        for future in ending:
+                ending.append((grant, denied))
+        futures = [
+            self.pool.submit(self.revoke, g, d.reason, d.message, None, True, triggered, d.detail)
+            for g, d in ending
+        ]
+        for future in futures:
             future.result()
 
     def _clamp(self, grant: LiveGrant, ttl: timedelta | None) -> None:
