@@ -213,11 +213,12 @@ class Service(Issuance):
                 self.revoke(grant, reason, self._pod_message(spec.pod_name, reason))
                 return
         targets = [g.namespace for g in grant.grants]
-        denied = reevaluate(
-            spec, self.facts.policies(targets), self.facts.namespaces(targets), grant.policies
-        )
+        policies, namespaces = self.facts.policies(targets), self.facts.namespaces(targets)
+        denied = reevaluate(spec, policies, namespaces, grant.policies)
         if denied:
             self.revoke(grant, denied.reason, denied.message, detail=denied.detail)
+        else:  # a maxTTL lowered meanwhile (e.g. while the operator was down)
+            self._clamp(grant, ttl_ceiling(spec, policies, namespaces))
 
     @staticmethod
     def _pod_message(pod: str, reason: Reason) -> str:
