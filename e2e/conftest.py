@@ -26,6 +26,7 @@ from tests.integration.cluster import (
     admin,
     free_port,
     wait_for_admission,
+    wait_for_storage,
 )
 
 sys.path.insert(0, str(ROOT / "hack"))
@@ -85,6 +86,7 @@ def release(kubeconfig):
         env=dict(os.environ, KUBECONFIG=kubeconfig),
         stdout=subprocess.DEVNULL,
     )
+    wait_for_storage(admin(kubeconfig))
     wait_for_admission(admin(kubeconfig))
     manifest = list(
         yaml.safe_load_all(helm(kubeconfig, "get", "manifest", RELEASE, "--namespace", NAMESPACE))

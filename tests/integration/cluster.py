@@ -52,7 +52,27 @@ def apply_crds(kubeconfig: str) -> None:
         env=env,
         stdout=subprocess.DEVNULL,
     )
+    wait_for_storage(admin(kubeconfig))
     wait_for_admission(admin(kubeconfig))
+
+
+def wait_for_storage(kube: Kube, timeout: float = 60) -> None:
+    """A new CRD's watch cache answers 429 "storage is (re)initializing" for a while:
+    wait until lists of all three kinds answer at once, so timing tests do not start
+    inside that window (each such 429 costs a caller its 1 s Retry-After)."""
+    quick = Kube(kube.api, retries=0)
+
+    def ready() -> bool:
+        try:
+            for res in (AGENT_TASKS, ACCESS_POLICIES, CLUSTER_ACCESS_POLICIES):
+                quick.list(res)
+            return True
+        except KubeError as exc:
+            if exc.status != 429:
+                raise
+            return False
+
+    wait_for(ready, timeout, 0.2, "the new CRDs' storage")
 
 
 def wait_for_admission(kube: Kube, timeout: float = 90) -> None:
