@@ -38,8 +38,30 @@ def test_the_operators_token_is_not_a_master_key(world, chart_operator):
     # no deleting foreign ServiceAccounts or Secrets
     assert status_code(lambda: me.delete(SERVICE_ACCOUNTS, ns, "precious")) == 403
     assert status_code(lambda: me.delete(SECRETS, ns, "precious")) == 403
-    # and no reading a Secret through a no-op patch
+    # and no reading a foreign Secret by any verb: get, list, watch (RBAC), an empty
+    # or label-only patch, or an update (admission), each of which would return it
+    assert status_code(lambda: me.get(SECRETS, ns, "precious")) == 403
+    assert status_code(lambda: me.list(SECRETS, ns)) == 403
+    assert (
+        status_code(
+            lambda: me.request(
+                "GET", SECRETS.path(ns), query=[("watch", "1"), ("timeoutSeconds", "1")]
+            )
+        )
+        == 403
+    )
     assert status_code(lambda: me.merge_patch(SECRETS, ns, "precious", {})) == 403
+    label = {"metadata": {"labels": {"x": "y"}}}
+    assert status_code(lambda: me.merge_patch(SECRETS, ns, "precious", label)) == 403
+    foreign = world.kube.get(SECRETS, ns, "precious")
+    assert (
+        status_code(
+            lambda: me.request(
+                "PUT", SECRETS.path(ns, "precious"), body=foreign, resource="secrets"
+            )
+        )
+        == 403
+    )
     assert world.kube.get(SERVICE_ACCOUNTS, ns, "precious") is not None
     # no ServiceAccount of its own outside the reserved names
     assert (
