@@ -216,7 +216,8 @@ def run(args: argparse.Namespace) -> int:
         handlers.CONFIG.health.standby.set()
         elector.wait_for_leadership()
         handlers.CONFIG.health.standby.clear()
-        handlers.CONFIG.metrics.leader.set(1)
+    # without election the single instance acts: it is the leader (no NoLeader alert)
+    handlers.CONFIG.metrics.leader.set(1)
     try:
         kopf.run(standalone=True, clusterwide=not namespaces, namespaces=namespaces)
     finally:

@@ -73,7 +73,9 @@ class Metrics:
             registry=r,
         )
         self.leader = Gauge(
-            "agentaccess_leader", "1 when this instance holds the leader Lease", registry=r
+            "agentaccess_leader",
+            "1 when this instance acts: it holds the leader Lease, or runs without election",
+            registry=r,
         )
         self.handler_seconds = Histogram(
             "agentaccess_handler_duration_seconds",

@@ -258,3 +258,9 @@ def run_cli(*args: str, kubeconfig: str) -> str:
         text=True,
         env=dict(os.environ, KUBECONFIG=kubeconfig),
     ).stdout
+
+
+def test_a_single_instance_without_election_reports_itself_leader(operator):
+    """Without --leader-elect the one instance acts, so `agentaccess_leader` is 1 (the
+    chart's AgentAccessNoLeader alert, absent(agentaccess_leader == 1), stays quiet)."""
+    assert value(scrape(operator), "agentaccess_leader") == 1.0
