@@ -38,9 +38,10 @@ controlplane-down: ## Stop the local control plane and remove its state
 crds: install ## Regenerate crds/ (and the chart's copy) from hack/gen_crds.py
 	$(PY) hack/gen_crds.py
 
-manifests: install binaries ## Render manifests/install.yaml from the chart (default values)
-	$(HELM) template agent-access-operator $(CHART) --namespace agent-access-system \
-	  --kube-version $(K8S_VERSION) --skip-tests --include-crds > manifests/install.yaml
+manifests: install binaries ## Render manifests/install.yaml from the chart (default values), with its Namespace
+	{ cat hack/install-namespace.yaml; $(HELM) template agent-access-operator $(CHART) \
+	  --namespace agent-access-system --kube-version $(K8S_VERSION) --skip-tests \
+	  --include-crds; } > manifests/install.yaml
 
 lint: install ## ruff (lint and format check) and mypy
 	$(VENV)/bin/ruff check .

@@ -142,7 +142,10 @@ def test_grant_namespaces_use_rolebindings_and_flags():
 
 
 def test_install_yaml_is_the_default_render():
-    expected = render("--skip-tests", "--include-crds")
+    """The default render, preceded by its Namespace (so `kubectl apply -f` works on a
+    fresh cluster)."""
+    namespace = (ROOT / "hack" / "install-namespace.yaml").read_text()
+    expected = namespace + render("--skip-tests", "--include-crds")
     actual = (ROOT / "manifests" / "install.yaml").read_text()
     assert actual == expected, "manifests/install.yaml is stale: run `make manifests`"
 
