@@ -117,4 +117,4 @@ def test_nothing_is_granted_in_the_operators_namespace(world, chart_operator):
     world.task(agents, name, "bot", [{"namespace": NAMESPACE, "rules": READ}])
     task = world.wait_phase(agents, name, {"Denied", "Active", "Failed"})
     assert task["status"]["phase"] == "Denied" and task["status"]["reason"] == "Forbidden"
-    assert "own namespace" in task["status"]["message"]
+    assert "does not grant into this namespace" in task["status"]["message"]

@@ -22,6 +22,7 @@ V1 = "admissionregistration.k8s.io/v1"
 DEFAULT_OPERATOR = "system:serviceaccount:agent-access-system:agent-access-operator"
 DEFAULT_OPERATOR_NAMESPACE = "agent-access-system"
 DEFAULT_LEASE = "agent-access-operator"
+LEASE_LABEL = f"{GROUP}/leader-election"
 REQUESTER = [f"{GROUP}/requester-username", f"{GROUP}/requester-uid", f"{GROUP}/requester-groups"]
 TASK_UID = f"{GROUP}/task-uid"
 MANAGED = "app.kubernetes.io/managed-by"
@@ -427,10 +428,12 @@ def policies(
                     "reason": "Forbidden",
                 },
                 {
-                    "expression": "!has(namespaceObject.metadata.labels) || "
+                    "expression": "request.operation == 'DELETE' || "
+                    "!has(namespaceObject.metadata.labels) || "
                     f"namespaceObject.metadata.labels[?'{GROUP}/protected'] != optional.of('true')",
-                    "message": f"namespaces labelled {GROUP}/protected=true are never touched by "
-                    "the agent-access-operator",
+                    "message": f"the agent-access-operator never creates or changes anything "
+                    f"in a namespace labelled {GROUP}/protected=true (it may still delete "
+                    "what it made there before: revocation)",
                     "reason": "Forbidden",
                 },
             ],
@@ -438,7 +441,12 @@ def policies(
         labels,
     )
     # 6. The leader-election Lease is written only by the operator: nobody else can
-    #    hold every replica off by rewriting it again and again.
+    #    hold every replica off by rewriting it again and again. Protected by name
+    #    (the install's own) and, wherever it lives, by the label the operator puts on it.
+    marked = (
+        f"has({{o}}.metadata.labels) && "
+        f"{{o}}.metadata.labels[?'{LEASE_LABEL}'] == optional.of('true')"
+    )
     docs += _pair(
         "ValidatingAdmissionPolicy",
         f"{GROUP}-leader-lease",
@@ -449,13 +457,7 @@ def policies(
                     _rules("coordination.k8s.io", ["leases"], ["CREATE", "UPDATE", "DELETE"])
                 ]
             },
-            "matchConditions": [
-                *not_trusted,
-                {
-                    "name": "in-the-operators-namespace",
-                    "expression": f"request.namespace == {_q(operator_namespace)}",
-                },
-            ],
+            "matchConditions": not_trusted,
             "variables": [
                 {"name": "lease", "expression": _q(lease_name)},
                 {
@@ -466,11 +468,19 @@ def policies(
             ],
             "validations": [
                 {
-                    "expression": "variables.name != variables.lease",
+                    "expression": f"request.namespace != {_q(operator_namespace)} || "
+                    "variables.name != variables.lease",
                     "message": "the agent-access-operator's leader-election Lease is written "
                     "only by the operator",
                     "reason": "Forbidden",
-                }
+                },
+                {
+                    "expression": f"(object == null || !({marked.format(o='object')})) && "
+                    f"(oldObject == null || !({marked.format(o='oldObject')}))",
+                    "message": f"Leases labelled {LEASE_LABEL}=true belong to the "
+                    "agent-access-operator's leader election: only it writes them",
+                    "reason": "Forbidden",
+                },
             ],
         },
         labels,

@@ -404,13 +404,16 @@ def check_size(spec: TaskSpec) -> Denied | None:
 
 
 def check_protected(spec: TaskSpec, namespaces: Mapping[str, Mapping[str, str]]) -> Denied | None:
-    """Nothing is granted into a namespace labelled agentaccess.io/protected=true."""
-    for target in spec.target_namespaces:
-        if (namespaces.get(target) or {}).get(LABEL_PROTECTED) == "true":
+    """Nothing is granted into a namespace labelled agentaccess.io/protected=true. The
+    answer reads like one for a namespace no policy governs (no oracle)."""
+    who = f"{spec.namespace}/{spec.agent}"
+    for entry in spec.access:
+        if (namespaces.get(entry.namespace) or {}).get(LABEL_PROTECTED) == "true":
             return Denied(
-                Reason.FORBIDDEN,
-                f"namespace {target}: it is labelled {LABEL_PROTECTED}=true; nothing is "
-                "granted there",
+                Reason.NO_MATCHING_POLICY,
+                f"namespace {entry.namespace}: no AccessPolicy or ClusterAccessPolicy lets "
+                f"{who} request [{entry.rules[0].describe()}]",
+                detail=f"the namespace is labelled {LABEL_PROTECTED}=true",
             )
     return None
 
@@ -611,7 +614,11 @@ def reevaluate(
     """
     protected = check_protected(spec, namespaces)
     if protected:
-        return Denied(Reason.POLICY_CHANGED, protected.message)
+        return Denied(
+            Reason.POLICY_CHANGED,
+            f"namespace labelled {LABEL_PROTECTED}=true: nothing is granted there",
+            protected.detail,
+        )
     used, denied = check_coverage(spec, policies, namespaces)
     denied = denied or check_audiences(spec, used)
     if denied is None:

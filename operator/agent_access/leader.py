@@ -22,6 +22,7 @@ from .kube import Conflict, Kube, KubeError, Resource
 log = logging.getLogger(__name__)
 
 LEASES = Resource("/apis/coordination.k8s.io/v1", "leases")
+LEASE_LABEL = "agentaccess.io/leader-election"
 
 
 def _ts(moment: datetime) -> str:
@@ -121,7 +122,12 @@ class LeaderElector:
         body: dict[str, Any] = {
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
-            "metadata": {"name": self.name, "namespace": self.namespace},
+            # the label admission keys on: only the operator writes a Lease carrying it
+            "metadata": {
+                "name": self.name,
+                "namespace": self.namespace,
+                "labels": {LEASE_LABEL: "true"},
+            },
             "spec": new_spec,
         }
         try:

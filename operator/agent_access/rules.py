@@ -164,7 +164,7 @@ class Guardrails:
 
     def namespace_violation(self, namespace: str) -> str | None:
         if namespace in self.protected_namespaces:
-            return "nothing is ever granted in the operator's own namespace"
+            return "this installation does not grant into this namespace"
         if self.target_namespaces is not None and namespace not in self.target_namespaces:
             return "this installation does not grant into this namespace"
         return None

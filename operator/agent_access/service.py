@@ -447,16 +447,21 @@ class Service(Issuance):
         until = st.rfc3339(deadline)
         message = f"policies changed: the grant now ends at {until} (maxTTL lowered)"
         log.info("%s: %s", grant.ref, message)
-        try:  # the records a restart reads: the identity's annotation and the status
-            self.kube.merge_patch(
+        # The records a restart reads (it takes the earlier of the two): status, then
+        # the identity's annotation; either one alone keeps the shorter deadline.
+        for record in (
+            lambda: self._write_status(_stub(grant), {"expiresAt": until}),
+            lambda: self.kube.merge_patch(
                 SERVICE_ACCOUNTS,
                 grant.namespace,
                 grant.service_account,
                 {"metadata": {"annotations": {ANNOTATION_EXPIRES_AT: until}}},
-            )
-            self._write_status(_stub(grant), {"expiresAt": until})
-        except KubeError as exc:
-            log.warning("could not record the earlier end of %s: %s", grant.ref, exc)
+            ),
+        ):
+            try:
+                record()
+            except KubeError as exc:
+                log.warning("could not record the earlier end of %s: %s", grant.ref, exc)
         self._event(_stub(grant), "Normal", Reason.POLICY_CHANGED, message, "Shorten", grant.spec)
 
     def on_task_deleted(self, task: Mapping[str, Any]) -> None:

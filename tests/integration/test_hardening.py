@@ -676,7 +676,11 @@ def test_protected_namespaces_are_never_granted_into(world, operator):
     got = world.wait_phase(agents, task["metadata"]["name"], "Revoked")
     assert got["status"]["reason"] == "PolicyChanged"
     later = active(world, agents, target)
-    assert later["status"]["reason"] == "Forbidden" and "protected" in later["status"]["message"]
+    # answered like a namespace no policy governs: the label is not revealed
+    assert later["status"]["reason"] == "NoMatchingPolicy"
+    assert "protected" not in later["status"]["message"]
+    line = next(x for x in operator.audit_lines() if x["task"]["uid"] == later["metadata"]["uid"])
+    assert "protected" in line["detail"]
 
 
 def test_only_the_operator_writes_its_leader_lease(world, operator):
@@ -732,3 +736,48 @@ def test_a_namespace_relabelled_during_issuance_is_rechecked(world, solo, kubeco
     world.kube.merge_patch(NAMESPACES, None, target, {"metadata": {"labels": {"tier": None}}})
     got = world.wait_phase(agents, name, {"Revoked", "Denied"}, timeout=15)
     assert got["status"]["reason"] == "PolicyChanged", got["status"]
+
+
+def test_a_leader_lease_anywhere_is_written_only_by_the_operator(world, solo):
+    """Run with --leader-elect in any namespace (a local run defaults to `default`),
+    the Lease carries the operator's label, and nobody else may rewrite or delete it:
+    not a person with RBAC on leases, not a task's token whose policy allows leases."""
+    from agent_access.leader import LEASES
+
+    agents, target = scene(world)
+    lease_id = unique("aao")
+    op = solo(
+        args=[
+            "--leader-elect",
+            "--leader-election-namespace",
+            target,
+            "--leader-election-id",
+            lease_id,
+            "--lease-duration",
+            "3",
+            "--lease-retry",
+            "0.5",
+        ]
+    )
+    wait_for(lambda: world.kube.get(LEASES, target, lease_id) is not None, 10)
+    allow(
+        world,
+        target,
+        "mallory",
+        ["leases"],
+        ["get", "update", "patch", "delete"],
+        group="coordination.k8s.io",
+    )
+    mallory = as_user(world.kubeconfig, "mallory")
+    take = {"spec": {"holderIdentity": "mallory"}}
+    assert status_code(lambda: mallory.merge_patch(LEASES, target, lease_id, take)) == 403
+    assert status_code(lambda: mallory.delete(LEASES, target, lease_id)) == 403
+    leases = [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "patch"]}
+    ]
+    world.policy(target, "leases", [(agents, "bot")], leases)
+    name = unique("lease")
+    world.task(agents, name, "bot", [{"namespace": target, "rules": leases}])
+    token = as_token(world.kubeconfig, world.token(world.wait_phase(agents, name, "Active")))
+    assert status_code(lambda: token.merge_patch(LEASES, target, lease_id, take)) == 403
+    assert op.ready()

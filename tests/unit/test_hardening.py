@@ -63,7 +63,7 @@ def test_nothing_is_granted_in_the_operators_own_namespace():
     rails = DEFAULT_GUARDRAILS.extended(protected_namespaces=["payments"])
     d = decide("agents", spec(), world(policy()), NOW, rails)
     assert isinstance(d, Denied) and d.reason == Reason.FORBIDDEN
-    assert "operator's own namespace" in d.message
+    assert "does not grant into this namespace" in d.message
 
 
 def test_watched_namespaces_narrow_grant_namespaces():
@@ -254,7 +254,8 @@ def test_a_group_entry_does_not_let_agents_ask_for_each_other():
 def test_protected_namespaces_are_never_granted_into():
     w = world(policy(), namespaces={"payments": {"agentaccess.io/protected": "true"}})
     d = decide("agents", spec(), w, NOW)
-    assert isinstance(d, Denied) and d.reason == Reason.FORBIDDEN
+    assert isinstance(d, Denied) and d.reason == Reason.NO_MATCHING_POLICY
+    assert "protected" not in d.message and "protected" in d.detail
 
 
 def test_a_costly_decision_is_refused_before_it_is_made():
