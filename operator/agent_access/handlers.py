@@ -7,8 +7,10 @@ synchronous; kopf runs them in its thread pool.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +18,7 @@ import kopf
 
 from .audit import AuditLog
 from .kopf_state import MemoryDiffBaseStorage, MemoryProgressStorage
-from .kube import Kube, KubeError
+from .kube import AGENT_TASKS, Kube, KubeError
 from .metrics import Health, Metrics
 from .model import CLUSTER_POLICIES, FINALIZER, GROUP, POLICIES, TASKS, VERSION
 from .rules import DEFAULT_GUARDRAILS, Guardrails
@@ -104,6 +106,7 @@ def task_seen(type: str | None, body: kopf.Body, **_: Any) -> None:
         return
     if type == "DELETED":  # also when the finalizer was removed by someone else
         _service.on_task_gone(body)
+        _task_locks.pop(body["metadata"]["uid"], None)
         _progress.forget(body["metadata"]["uid"])
         _diffbase.forget(body["metadata"]["uid"])
     else:
@@ -113,15 +116,65 @@ def task_seen(type: str | None, body: kopf.Body, **_: Any) -> None:
             log.warning("could not restore the status of %s: %s", body["metadata"]["name"], exc)
 
 
+#: One lock per task. A decision runs in the background, so kopf's worker is free at
+#: once for other tasks (a burst of costly requests cannot hold up anyone's cancel or
+#: deletion); later events of the same task wait for its decision.
+_task_locks: dict[str, asyncio.Lock] = {}
+_deciding: set[asyncio.Task[None]] = set()
+
+
 @kopf.on.create(GROUP, VERSION, TASKS)
 @kopf.on.resume(GROUP, VERSION, TASKS)
 @kopf.on.update(GROUP, VERSION, TASKS)
 async def reconcile_task(body: kopf.Body, **_: Any) -> None:
-    # Decisions run on their own threads, everything else (cancel, re-checks) on the
-    # revocation threads: costly requests never hold up a revocation.
     svc = service()
-    pool = svc.decisions if svc.needs_decision(body) else svc.pool
-    await asyncio.get_running_loop().run_in_executor(pool, _reconcile, svc, body)
+    lock = _task_locks.setdefault(body["metadata"]["uid"], asyncio.Lock())
+    if svc.needs_decision(body) and not lock.locked():
+        await lock.acquire()  # free: returns at once
+        job = asyncio.create_task(_decide(svc, copy.deepcopy(dict(body)), lock))
+        _deciding.add(job)
+        job.add_done_callback(_deciding.discard)
+        return
+    async with lock:  # cancel, re-checks: on the revocation threads
+        await asyncio.get_running_loop().run_in_executor(svc.pool, _reconcile, svc, body)
+
+
+async def _decide(svc: Service, body: dict[str, Any], lock: asyncio.Lock) -> None:
+    """Decide on the decision threads; on API errors try again (with the task as it is
+    then) until it is decided or gone. Holds the task's lock throughout."""
+    loop = asyncio.get_running_loop()
+    meta = body["metadata"]
+    delay = 1.0
+    try:
+        while True:
+            try:
+                await loop.run_in_executor(svc.decisions, _run_reconcile, svc, body)
+                return
+            except KubeError as exc:
+                log.warning(
+                    "deciding %s/%s failed, retrying: %s", meta["namespace"], meta["name"], exc
+                )
+            except Exception:
+                log.exception("deciding %s/%s failed", meta["namespace"], meta["name"])
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+            try:
+                fresh = await loop.run_in_executor(
+                    svc.pool, svc.kube.get, AGENT_TASKS, meta["namespace"], meta["name"]
+                )
+            except KubeError:
+                continue
+            if not fresh or fresh["metadata"]["uid"] != meta["uid"]:
+                return
+            body = fresh
+    finally:
+        lock.release()
+
+
+def _run_reconcile(svc: Service, body: Mapping[str, Any]) -> None:
+    with _timed("reconcile"):
+        svc.reconcile(body)
 
 
 def _reconcile(svc: Service, body: kopf.Body) -> None:
@@ -133,10 +186,16 @@ def _reconcile(svc: Service, body: kopf.Body) -> None:
 
 
 @kopf.on.delete(GROUP, VERSION, TASKS)
-def task_deleted(body: kopf.Body, **_: Any) -> None:
+async def task_deleted(body: kopf.Body, **_: Any) -> None:
+    svc = service()
+    async with _task_locks.setdefault(body["metadata"]["uid"], asyncio.Lock()):
+        await asyncio.get_running_loop().run_in_executor(svc.pool, _delete, svc, body)
+
+
+def _delete(svc: Service, body: kopf.Body) -> None:
     with _timed("delete"):
         try:
-            service().on_task_deleted(body)
+            svc.on_task_deleted(body)
         except KubeError as exc:
             raise kopf.TemporaryError(f"API error, retrying: {exc}", delay=1) from exc
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -97,6 +98,7 @@ class Issuance:
     deadlines: Deadlines
     facts: Facts
     owned: Owned
+    cpu: ThreadPoolExecutor
     ended: set[str]
     _first_seen: dict[str, datetime]
 
@@ -143,7 +145,10 @@ class Issuance:
             return
         generation = self.registry.generation
         world = self.facts.world(spec)
-        decision = evaluate(spec, world, self.clock(), self.guardrails)
+        # Evaluation is pure CPU: one thread does it for everyone, so however many
+        # costly requests arrive, they take one core's share and the revocation threads
+        # keep getting the interpreter (the GIL) promptly.
+        decision = self.cpu.submit(evaluate, spec, world, self.clock(), self.guardrails).result()
         if isinstance(decision, Denied):
             self._deny(task, decision, spec)
             return

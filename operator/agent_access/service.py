@@ -92,6 +92,7 @@ class Service(Issuance):
         #: Decisions (possibly costly) run apart from revocations, so a burst of large
         #: requests never delays a cancel, a deletion or a pod's end.
         self.decisions = ThreadPoolExecutor(max(4, workers // 2), thread_name_prefix="decide")
+        self.cpu = ThreadPoolExecutor(1, thread_name_prefix="evaluate")
         self.facts = Facts(kube, self.io)
         self.owned = Owned(kube)
         self.deadlines = Deadlines(self._fire)
@@ -115,6 +116,7 @@ class Service(Issuance):
         self.deadlines.stop()
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.decisions.shutdown(wait=False, cancel_futures=True)
+        self.cpu.shutdown(wait=False, cancel_futures=True)
         self.io.shutdown(wait=False, cancel_futures=True)
 
     # -- the main reconcile ------------------------------------------------------------

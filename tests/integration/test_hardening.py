@@ -27,6 +27,7 @@ from .cluster import (
     can,
     list_pods_status,
     poll_status,
+    record_timing,
     status_code,
     unique,
     wait_for,
@@ -781,3 +782,51 @@ def test_a_leader_lease_anywhere_is_written_only_by_the_operator(world, solo):
     token = as_token(world.kubeconfig, world.token(world.wait_phase(agents, name, "Active")))
     assert status_code(lambda: token.merge_patch(LEASES, target, lease_id, take)) == 403
     assert op.ready()
+
+
+def test_a_burst_of_costly_requests_does_not_delay_others_revocations(world, operator):
+    """A tenant writes its own many-rule policy and floods its namespace with requests
+    just under the evaluation bound (~0.1 s of CPU each). Another namespace's cancel is
+    still honoured at once: decisions never hold the queue revocations go through."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    agents, target = scene(world)
+    victim = active(world, agents, target)
+    client = as_token(world.kubeconfig, world.token(victim))
+    evil = world.namespace("evil")
+    world.service_account(evil, "eve-bot")
+    decoys = [
+        {"apiGroups": ["x.example.com"], "resources": [f"d{i}"], "verbs": ["get"]}
+        for i in range(60)
+    ]
+    world.policy(
+        evil,
+        "p",
+        [(evil, "eve-bot")],
+        [*decoys, {"apiGroups": ["*"], "resources": ["*"], "verbs": ["get"]}],
+    )
+    rule = {
+        "apiGroups": [f"g{i}.example.com" for i in range(16)],
+        "resources": [f"r{i}" for i in range(32)],
+        "verbs": [f"v{i}" for i in range(16)],
+        "resourceNames": ["n0", "n1"],
+    }
+    names = [unique("costly") for _ in range(100)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda n: world.task(evil, n, "eve-bot", [{"rules": [rule]}]), names))
+    started = time.monotonic()
+    world.kube.merge_patch(
+        AGENT_TASKS, agents, victim["metadata"]["name"], {"spec": {"cancel": True}}
+    )
+    poll_status(lambda: list_pods_status(client, target), {401, 403}, 3)
+    record_timing("cancel -> 403 during 100 costly decisions", time.monotonic() - started)
+    # the burst is decided too (each one Denied, none crashed the operator)
+    wait_for(
+        lambda: all(
+            (world.get_task(evil, n).get("status") or {}).get("phase") == "Denied" for n in names
+        ),
+        60,
+        0.5,
+        "the costly requests decided",
+    )
+    assert operator.ready()
