@@ -334,6 +334,7 @@ class Issuance:
                 plan, Reason.ISSUE_FAILED, f"could not record the grant: {exc}", write_status=False
             )
             if not isinstance(exc, NotFound):
+                self.ended.discard(uid)  # nothing was recorded: decide it afresh
                 raise
             return
         checkpoint("issue:status")
