@@ -158,11 +158,8 @@ class Issuance:
         now = self.clock()
         uid = task["metadata"]["uid"]
         self._first_seen.pop(uid, None)
-        self._write_status(
-            task, st.denied(task, denied.reason, denied.message, now, _requester(spec))
-        )
-        self.ended.add(uid)  # only once recorded: a failed write is retried
-        self._event(task, "Warning", denied.reason, denied.message, "Deny", spec)
+        # The audit line first (write-ahead, as for grants): once the status says
+        # Denied, the line exists; a retried write may repeat it, never lose it.
         self.audit.write(
             audit.record(
                 "denied",
@@ -177,16 +174,18 @@ class Issuance:
                 now=now,
             )
         )
+        self._write_status(
+            task, st.denied(task, denied.reason, denied.message, now, _requester(spec))
+        )
+        self.ended.add(uid)  # only once recorded: a failed write is retried
+        self._event(task, "Warning", denied.reason, denied.message, "Deny", spec)
         self.metrics.denied(denied.reason)
 
     def _end_unissued(self, task: Mapping[str, Any], spec: TaskSpec, reason: Reason, msg: str):
         now = self.clock()
         uid = task["metadata"]["uid"]
         self._first_seen.pop(uid, None)
-        self._write_status(task, st.ended(task, reason, msg, now, _requester(spec)))
-        self.ended.add(uid)
-        self._event(task, "Normal", reason, msg, "Revoke", spec)
-        self.audit.write(
+        self.audit.write(  # write-ahead, as above
             audit.record(
                 "ended",
                 task,
@@ -199,6 +198,9 @@ class Issuance:
                 now=now,
             )
         )
+        self._write_status(task, st.ended(task, reason, msg, now, _requester(spec)))
+        self.ended.add(uid)
+        self._event(task, "Normal", reason, msg, "Revoke", spec)
 
     def _create_objects(
         self, task: Mapping[str, Any], plan: LiveGrant, decision: Granted, pod: PodFacts | None

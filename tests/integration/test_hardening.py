@@ -51,6 +51,22 @@ def active(world, agents, target, name=None, **spec):
     return world.wait_phase(agents, name, {"Active", "Denied", "Failed"})
 
 
+def audit_line(operator, uid_or_name: str) -> dict:
+    """The operator's audit line for a task (by UID or name), waiting for it."""
+
+    def find():
+        return next(
+            (
+                x
+                for x in operator.audit_lines()
+                if uid_or_name in (x["task"]["uid"], x["task"]["name"])
+            ),
+            None,
+        )
+
+    return wait_for(find, 5, what=f"the audit line of {uid_or_name}")
+
+
 def allow(world, ns, user, resources, verbs, group="agentaccess.io"):
     """A Role + RoleBinding giving `user` (a username) these verbs in `ns`."""
     name = unique("r")
@@ -466,7 +482,7 @@ def test_audiences_are_governed_and_immutable(world, operator):
     )
     ok = active(world, agents, target, audiences=["vault"])
     assert ok["status"]["phase"] == "Active"
-    line = next(x for x in operator.audit_lines() if x["task"]["uid"] == ok["metadata"]["uid"])
+    line = audit_line(operator, ok["metadata"]["uid"])
     assert line["audiences"] == ["vault"]
     plain = active(world, agents, target)
     assert (
@@ -602,7 +618,7 @@ def test_denials_do_not_reveal_namespaces_or_policies(world, operator):
     )
     got = world.wait_phase(agents, name, "Denied")["status"]
     assert got["reason"] == "RuleNotAllowed" and "read" not in got["message"].split(":")[1]
-    line = next(x for x in operator.audit_lines() if x["task"]["name"] == name)
+    line = audit_line(operator, name)
     assert f"{target}/read" in line["detail"]
 
 
@@ -680,7 +696,7 @@ def test_protected_namespaces_are_never_granted_into(world, operator):
     # answered like a namespace no policy governs: the label is not revealed
     assert later["status"]["reason"] == "NoMatchingPolicy"
     assert "protected" not in later["status"]["message"]
-    line = next(x for x in operator.audit_lines() if x["task"]["uid"] == later["metadata"]["uid"])
+    line = audit_line(operator, later["metadata"]["uid"])
     assert "protected" in line["detail"]
 
 
