@@ -601,17 +601,15 @@ def decide(
     return evaluate(spec, world, now, guardrails)
 
 
-def reevaluate(
+def reassess(
     spec: TaskSpec,
     policies: Sequence[Policy],
     namespaces: Mapping[str, Mapping[str, str]],
     previous_policies: Sequence[str],
-) -> Denied | None:
-    """After a policy change: None while the grant is still fully allowed.
-
-    The reason is PolicyDeleted when a policy the grant relied on no longer
-    exists, PolicyChanged otherwise.
-    """
+) -> Denied | timedelta:
+    """After an outside change: the longest grant the policies allow now, or why the
+    grant must end (PolicyDeleted when a policy it relied on is gone, else
+    PolicyChanged). One coverage pass serves both."""
     protected = check_protected(spec, namespaces)
     if protected:
         return Denied(
@@ -622,22 +620,10 @@ def reevaluate(
     used, denied = check_coverage(spec, policies, namespaces)
     denied = denied or check_audiences(spec, used)
     if denied is None:
-        return None
+        ttl = min([spec.ttl, *(p.max_ttl for p in used)])
+        return timedelta(seconds=max(1, int(ttl.total_seconds())))
     existing = {p.key for p in policies}
     gone = [k for k in previous_policies if k not in existing]
     reason = Reason.POLICY_DELETED if gone else Reason.POLICY_CHANGED
     prefix = f"policy {', '.join(gone)} deleted; " if gone else "policies changed; "
     return Denied(reason, prefix + denied.message, denied.detail)
-
-
-def ttl_ceiling(
-    spec: TaskSpec,
-    policies: Sequence[Policy],
-    namespaces: Mapping[str, Mapping[str, str]],
-) -> timedelta | None:
-    """The longest grant the policies allow now (None when they do not allow it)."""
-    used, denied = check_coverage(spec, policies, namespaces)
-    if denied:
-        return None
-    ttl = min([spec.ttl, *(p.max_ttl for p in used)])
-    return timedelta(seconds=max(1, int(ttl.total_seconds())))

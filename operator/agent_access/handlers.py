@@ -178,11 +178,10 @@ def _run_reconcile(svc: Service, body: Mapping[str, Any]) -> None:
 
 
 def _reconcile(svc: Service, body: kopf.Body) -> None:
-    with _timed("reconcile"):
-        try:
-            svc.reconcile(body)
-        except KubeError as exc:  # the API is struggling: try again soon, not in 60 s
-            raise kopf.TemporaryError(f"API error, retrying: {exc}", delay=1) from exc
+    try:
+        _run_reconcile(svc, body)
+    except KubeError as exc:  # the API is struggling: try again soon, not in 60 s
+        raise kopf.TemporaryError(f"API error, retrying: {exc}", delay=1) from exc
 
 
 @kopf.on.delete(GROUP, VERSION, TASKS)

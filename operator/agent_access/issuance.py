@@ -155,52 +155,49 @@ class Issuance:
         self._grant(task, spec, world, decision, generation)
 
     def _deny(self, task: Mapping[str, Any], denied: Denied, spec: TaskSpec | None) -> None:
+        self._close(task, spec, Phase.DENIED, denied.reason, denied.message, denied.detail)
+        self.metrics.denied(denied.reason)
+
+    def _end_unissued(self, task: Mapping[str, Any], spec: TaskSpec, reason: Reason, msg: str):
+        self._close(task, spec, st.END_PHASE[reason], reason, msg)
+
+    def _close(
+        self,
+        task: Mapping[str, Any],
+        spec: TaskSpec | None,
+        phase: Phase,
+        reason: Reason,
+        message: str,
+        detail: str = "",
+    ) -> None:
+        """A task ends without a grant: audit line, status, then Event.
+
+        The audit line goes first (write-ahead, as for grants): once the status shows
+        the decision, the line exists; a retried write may repeat it, never lose it.
+        """
         now = self.clock()
         uid = task["metadata"]["uid"]
         self._first_seen.pop(uid, None)
-        # The audit line first (write-ahead, as for grants): once the status says
-        # Denied, the line exists; a retried write may repeat it, never lose it.
+        denied = phase == Phase.DENIED
         self.audit.write(
             audit.record(
-                "denied",
+                "denied" if denied else "ended",
                 task,
-                reason=denied.reason,
-                phase=Phase.DENIED,
-                message=denied.message,
-                detail=denied.detail or None,
+                reason=reason,
+                phase=phase,
+                message=message,
+                detail=detail or None,
                 requested=_requested(spec) if spec else [],
                 requester=_requester(spec),
                 ended_at=st.rfc3339(now),
                 now=now,
             )
         )
-        self._write_status(
-            task, st.denied(task, denied.reason, denied.message, now, _requester(spec))
-        )
+        build = st.denied if denied else st.ended
+        self._write_status(task, build(task, reason, message, now, _requester(spec)))
         self.ended.add(uid)  # only once recorded: a failed write is retried
-        self._event(task, "Warning", denied.reason, denied.message, "Deny", spec)
-        self.metrics.denied(denied.reason)
-
-    def _end_unissued(self, task: Mapping[str, Any], spec: TaskSpec, reason: Reason, msg: str):
-        now = self.clock()
-        uid = task["metadata"]["uid"]
-        self._first_seen.pop(uid, None)
-        self.audit.write(  # write-ahead, as above
-            audit.record(
-                "ended",
-                task,
-                reason=reason,
-                phase=st.END_PHASE[reason],
-                message=msg,
-                requested=_requested(spec),
-                requester=_requester(spec),
-                ended_at=st.rfc3339(now),
-                now=now,
-            )
-        )
-        self._write_status(task, st.ended(task, reason, msg, now, _requester(spec)))
-        self.ended.add(uid)
-        self._event(task, "Normal", reason, msg, "Revoke", spec)
+        kind, action = ("Warning", "Deny") if denied else ("Normal", "Revoke")
+        self._event(task, kind, reason, message, action, spec)
 
     def _create_objects(
         self, task: Mapping[str, Any], plan: LiveGrant, decision: Granted, pod: PodFacts | None

@@ -27,8 +27,7 @@ from .engine import (
     SpecError,
     check_guardrails,
     parse_task,
-    reevaluate,
-    ttl_ceiling,
+    reassess,
 )
 from .facts import Facts, pod_facts
 from .faults import checkpoint
@@ -216,11 +215,11 @@ class Service(Issuance):
                 return
         targets = [g.namespace for g in grant.grants]
         policies, namespaces = self.facts.policies(targets), self.facts.namespaces(targets)
-        denied = reevaluate(spec, policies, namespaces, grant.policies)
-        if denied:
-            self.revoke(grant, denied.reason, denied.message, detail=denied.detail)
+        verdict = reassess(spec, policies, namespaces, grant.policies)
+        if isinstance(verdict, Denied):
+            self.revoke(grant, verdict.reason, verdict.message, detail=verdict.detail)
         else:  # a maxTTL lowered meanwhile (e.g. while the operator was down)
-            self._clamp(grant, ttl_ceiling(spec, policies, namespaces))
+            self._clamp(grant, verdict)
 
     @staticmethod
     def _pod_message(pod: str, reason: Reason) -> str:
@@ -417,15 +416,15 @@ class Service(Issuance):
         # requests cannot hold up everyone's revocation.
         for grant in sorted(grants, key=lambda g: g.spec.atom_count):
             try:
-                denied = reevaluate(grant.spec, policies, namespaces, grant.policies)
+                verdict = reassess(grant.spec, policies, namespaces, grant.policies)
             except Exception:  # one grant's trouble never spares the others
                 log.exception("re-evaluating %s failed; revoking it", grant.ref)
-                denied = Denied(Reason.POLICY_CHANGED, "policies changed; could not re-evaluate")
-            if not denied:
-                self._clamp(grant, ttl_ceiling(grant.spec, policies, namespaces))
-            else:
+                verdict = Denied(Reason.POLICY_CHANGED, "policies changed; could not re-evaluate")
+            if isinstance(verdict, Denied):
                 self.pool.submit(self.owned.delete_grant_part, grant, grant.bindings())
-                ending.append((grant, denied))
+                ending.append((grant, verdict))
+            else:
+                self._clamp(grant, verdict)
         futures = [
             self.pool.submit(self.revoke, g, d.reason, d.message, None, True, triggered, d.detail)
             for g, d in ending
@@ -433,9 +432,9 @@ class Service(Issuance):
         for future in futures:
             future.result()
 
-    def _clamp(self, grant: LiveGrant, ttl: timedelta | None) -> None:
+    def _clamp(self, grant: LiveGrant, ttl: timedelta) -> None:
         """A policy now allows a shorter grant (its maxTTL went down): end earlier."""
-        if ttl is None or grant.granted_at is None or grant.expires_at is None:
+        if grant.granted_at is None or grant.expires_at is None:
             return
         deadline = grant.granted_at + ttl
         if deadline >= grant.expires_at:

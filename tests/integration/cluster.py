@@ -56,23 +56,28 @@ def apply_crds(kubeconfig: str) -> None:
     wait_for_admission(admin(kubeconfig))
 
 
+def _until_answers(call: Callable[[], Any], transient: int, timeout: float, what: str) -> None:
+    """Call until it stops failing with the `transient` status (other errors raise)."""
+
+    def ready() -> bool:
+        try:
+            call()
+            return True
+        except KubeError as exc:
+            if exc.status != transient:
+                raise
+            return False
+
+    wait_for(ready, timeout, 0.2, what)
+
+
 def wait_for_storage(kube: Kube, timeout: float = 60) -> None:
     """A new CRD's watch cache answers 429 "storage is (re)initializing" for a while:
     wait until lists of all three kinds answer at once, so timing tests do not start
     inside that window (each such 429 costs a caller its 1 s Retry-After)."""
     quick = Kube(kube.api, retries=0)
-
-    def ready() -> bool:
-        try:
-            for res in (AGENT_TASKS, ACCESS_POLICIES, CLUSTER_ACCESS_POLICIES):
-                quick.list(res)
-            return True
-        except KubeError as exc:
-            if exc.status != 429:
-                raise
-            return False
-
-    wait_for(ready, timeout, 0.2, "the new CRDs' storage")
+    kinds = (AGENT_TASKS, ACCESS_POLICIES, CLUSTER_ACCESS_POLICIES)
+    _until_answers(lambda: [quick.list(k) for k in kinds], 429, timeout, "the CRDs' storage")
 
 
 def wait_for_admission(kube: Kube, timeout: float = 90) -> None:
@@ -88,23 +93,14 @@ def wait_for_admission(kube: Kube, timeout: float = 90) -> None:
             "access": [{"rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]}],
         },
     }
-
-    def ready() -> bool:
-        try:
-            kube.request(
-                "POST",
-                AGENT_TASKS.path("default"),
-                body=body,
-                query=[("dryRun", "All")],
-                resource="agenttasks",
-            )
-            return True
-        except KubeError as exc:
-            if exc.status != 503:
-                raise
-            return False
-
-    wait_for(ready, timeout, 0.5, "the admission policies to know AgentTasks")
+    _until_answers(
+        lambda: kube.request(
+            "POST", AGENT_TASKS.path("default"), body=body, query=[("dryRun", "All")]
+        ),
+        503,
+        timeout,
+        "the admission policies to know AgentTasks",
+    )
 
 
 def admin(kubeconfig: str) -> Kube:

@@ -700,6 +700,13 @@ def test_protected_namespaces_are_never_granted_into(world, operator):
     assert "protected" in line["detail"]
 
 
+def lease_writer(world, ns):
+    """mallory, whom RBAC lets read, write and delete Leases in `ns`."""
+    verbs = ["get", "update", "patch", "delete"]
+    allow(world, ns, "mallory", ["leases"], verbs, group="coordination.k8s.io")
+    return as_user(world.kubeconfig, "mallory")
+
+
 def test_only_the_operator_writes_its_leader_lease(world, operator):
     """crds/ protects the default install's Lease (agent-access-system/agent-access-operator)
     from everyone but the operator and cluster admins."""
@@ -715,15 +722,7 @@ def test_only_the_operator_writes_its_leader_lease(world, operator):
             ns,
             {"metadata": {"name": "agent-access-operator"}, "spec": {"holderIdentity": "op"}},
         )
-    allow(
-        world,
-        ns,
-        "mallory",
-        ["leases"],
-        ["get", "update", "patch", "delete"],
-        group="coordination.k8s.io",
-    )
-    mallory = as_user(world.kubeconfig, "mallory")
+    mallory = lease_writer(world, ns)
     patch = {"spec": {"holderIdentity": "mallory"}}
     assert (
         status_code(lambda: mallory.merge_patch(LEASES, ns, "agent-access-operator", patch)) == 403
@@ -777,15 +776,7 @@ def test_a_leader_lease_anywhere_is_written_only_by_the_operator(world, solo):
         ]
     )
     wait_for(lambda: world.kube.get(LEASES, target, lease_id) is not None, 10)
-    allow(
-        world,
-        target,
-        "mallory",
-        ["leases"],
-        ["get", "update", "patch", "delete"],
-        group="coordination.k8s.io",
-    )
-    mallory = as_user(world.kubeconfig, "mallory")
+    mallory = lease_writer(world, target)
     take = {"spec": {"holderIdentity": "mallory"}}
     assert status_code(lambda: mallory.merge_patch(LEASES, target, lease_id, take)) == 403
     assert status_code(lambda: mallory.delete(LEASES, target, lease_id)) == 403

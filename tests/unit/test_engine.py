@@ -13,7 +13,7 @@ from agent_access.engine import (
     World,
     decide,
     parse_policy,
-    reevaluate,
+    reassess,
     selector_matches,
 )
 from agent_access.model import Reason
@@ -290,9 +290,11 @@ def test_reevaluate_reasons():
 
     s = parse_task_spec("agents", spec())
     ns = {"payments": {}}
-    assert reevaluate(s, [policy()], ns, ["payments/triage-read"]) is None
+    assert not isinstance(reassess(s, [policy()], ns, ["payments/triage-read"]), Denied)
     narrowed = policy(rules=[{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}])
-    assert reevaluate(s, [narrowed], ns, ["payments/triage-read"]).reason == Reason.POLICY_CHANGED
-    assert reevaluate(s, [], ns, ["payments/triage-read"]).reason == Reason.POLICY_DELETED
+    assert reassess(s, [narrowed], ns, ["payments/triage-read"]).reason == Reason.POLICY_CHANGED
+    assert reassess(s, [], ns, ["payments/triage-read"]).reason == Reason.POLICY_DELETED
     # a deleted policy whose rules another policy still covers: nothing to revoke
-    assert reevaluate(s, [policy(name="backup")], ns, ["payments/triage-read"]) is None
+    assert not isinstance(
+        reassess(s, [policy(name="backup")], ns, ["payments/triage-read"]), Denied
+    )

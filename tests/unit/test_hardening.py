@@ -279,14 +279,17 @@ def test_a_costly_decision_is_refused_before_it_is_made():
 
 
 def test_lower_max_ttl_gives_a_shorter_ceiling():
+    from datetime import timedelta
+
     from agent_access.engine import parse_task_spec as parse
-    from agent_access.engine import ttl_ceiling
+    from agent_access.engine import reassess
 
     task = parse("agents", spec(ttl="2h"))
     namespaces = {"payments": {}}
-    assert ttl_ceiling(task, [policy(maxTTL="1h")], namespaces).total_seconds() == 3600
-    assert ttl_ceiling(task, [policy(maxTTL="10m")], namespaces).total_seconds() == 600
-    assert ttl_ceiling(task, [], namespaces) is None
+    assert reassess(task, [policy(maxTTL="1h")], namespaces, []) == timedelta(hours=1)
+    assert reassess(task, [policy(maxTTL="10m")], namespaces, []) == timedelta(minutes=10)
+    gone = reassess(task, [], namespaces, ["payments/triage-read"])
+    assert isinstance(gone, Denied) and gone.reason == Reason.POLICY_DELETED
 
 
 def test_events_count_only_when_an_audit_line_confirms_them():
