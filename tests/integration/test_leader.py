@@ -21,6 +21,20 @@ def role(op) -> str:
         return "down"
 
 
+def elect_args(namespace: str, lease_id: str) -> list[str]:
+    return [
+        "--leader-elect",
+        "--leader-election-namespace",
+        namespace,
+        "--leader-election-id",
+        lease_id,
+        "--lease-duration",
+        str(LEASE_SECONDS),
+        "--lease-retry",
+        str(RETRY_SECONDS),
+    ]
+
+
 def issued(op) -> float:
     for line in op.metrics().splitlines():
         if line.startswith("agentaccess_grants_issued_total "):
@@ -30,17 +44,7 @@ def issued(op) -> float:
 
 def test_only_the_leader_acts_and_a_standby_takes_over(world, solo):
     lease_ns = world.namespace("lease")
-    args = [
-        "--leader-elect",
-        "--leader-election-namespace",
-        lease_ns,
-        "--leader-election-id",
-        unique("aao"),
-        "--lease-duration",
-        str(LEASE_SECONDS),
-        "--lease-retry",
-        str(RETRY_SECONDS),
-    ]
+    args = elect_args(lease_ns, unique("aao"))
     first = solo(args=args)
     wait_for(lambda: role(first) == "ok", 10, what="first instance leads")
     second = solo(args=args)
@@ -84,17 +88,7 @@ def test_an_edited_lease_does_not_freeze_the_replicas(world, solo):
 
     lease_ns = world.namespace("lease")
     lease_id = unique("aao")
-    args = [
-        "--leader-elect",
-        "--leader-election-namespace",
-        lease_ns,
-        "--leader-election-id",
-        lease_id,
-        "--lease-duration",
-        str(LEASE_SECONDS),
-        "--lease-retry",
-        str(RETRY_SECONDS),
-    ]
+    args = elect_args(lease_ns, lease_id)
     first = solo(args=args)
     wait_for(lambda: role(first) == "ok", 10, what="first instance leads")
     second = solo(args=args)
