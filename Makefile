@@ -13,7 +13,7 @@ IMAGE       ?= ghcr.io/agent-access/agent-access-operator:0.1.0
 K8S_VERSION ?= 1.37.2
 
 .PHONY: help install binaries controlplane-up controlplane-down crds manifests lint test \
-        test-unit test-chart test-integration e2e bench bench-quick soak demo run image clean
+        test-unit test-chart test-integration e2e bench bench-quick profile soak demo run image clean
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-20s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## Create .venv/ and install the operator with its dev extra
 
-binaries: ## Build kube-apiserver, etcd and helm from the Go module proxy (cached by version)
+binaries: ## Build kube-apiserver, kube-controller-manager, etcd and helm from the Go module proxy (cached by version)
 	hack/build-binaries.sh
 
 controlplane-up: install binaries ## Start the local etcd + kube-apiserver; kubeconfig in .controlplane/
@@ -70,11 +70,14 @@ run: controlplane-up ## Run the operator in the foreground against the local con
 	KUBECONFIG=$(KUBECONFIG_LOCAL) $(KUBECTL) apply -f crds/
 	KUBECONFIG=$(KUBECONFIG_LOCAL) $(VENV)/bin/agent-access-operator run
 
-bench: install binaries ## Benchmarks (full): grant/revoke latency vs the raw-API floor, 1,000-task scale
+bench: install binaries ## Benchmarks (full): latency vs the raw-API floor, pod churn, 10,000 live grants, 10,000 namespaces
 	$(PY) bench/bench.py
 
-bench-quick: install binaries ## Benchmarks, quick mode (under a minute, no scale run)
+bench-quick: install binaries ## Benchmarks, quick mode (about a minute: latencies, 200 grants at once)
 	$(PY) bench/bench.py --quick
+
+profile: install binaries ## Profile the operator (py-spy) through the scale run: bench/results/profile.txt
+	BENCH_PROFILE=bench/results/profile $(PY) bench/bench.py --only scale --tasks $${PROFILE_TASKS:-10000}
 
 soak: install binaries ## Soak: tasks created, used and ended for SOAK_SECONDS (default 600)
 	$(PY) bench/soak.py

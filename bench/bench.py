@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Benchmarks: how fast access is granted and how fast it dies, against the raw API floor.
 
-    bench/bench.py            full: 200 grants, 20 samples per trigger, 1,000-task scale
-    bench/bench.py --quick    a couple of minutes, for routine use (no scale run)
+    bench/bench.py            full: 200 grants, 20 samples per trigger, pod churn,
+                              10,000 live grants (restart, one policy revokes all),
+                              10,000 namespaces with 1,000 policies
+    bench/bench.py --quick    about a minute: latencies and 200 grants at once
+    BENCH_SCALE=N             the scale run's size (default 10000)
 
 Starts its own local control plane; the operator runs as a separate process.
 Writes bench/results/latest.json, bench/results/latencies.png and the table in
@@ -20,6 +23,7 @@ import re
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -44,6 +48,7 @@ from tests.integration.cluster import (  # noqa: E402
 from agent_access.kube import (  # noqa: E402
     ACCESS_POLICIES,
     AGENT_TASKS,
+    NAMESPACES,
     PODS,
     ROLE_BINDINGS,
     ROLES,
@@ -54,19 +59,53 @@ from agent_access.kube import (  # noqa: E402
 from agent_access.runtime import parse_time  # noqa: E402
 
 READ = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
+MANAGED = "app.kubernetes.io/managed-by=agent-access-operator"
 LABEL = re.compile(r'(\w+)="([^"]*)"')
 #: Seconds between requests while waiting for the token to work or be refused.
 POLL = float(os.environ.get("BENCH_POLL", "0.01"))
 #: Seconds between a grant being usable and its trigger.
 SETTLE = float(os.environ.get("BENCH_SETTLE", "0.3"))
 TRIGGERS = ("ttl", "pod_succeeded", "pod_deleted", "cancel", "task_deleted", "policy_changed")
-TARGETS = {
-    "grant_p99_s": 0.5,
-    "revoke_403_p99_s": 1.0,
-    "grant_floor_ratio": 2.0,
-    "rss_mb_at_1000": 150,
-    "policy_revoke_1000_s": 10,
-}
+#: (summary key, "<=" or ">=", goal): reported, never asserted.
+TARGETS = [
+    ("grant_p99_s", "<=", 0.12),
+    ("grant_floor_ratio", "<=", 1.1),
+    ("revoke_403_p99_s", "<=", 0.05),
+    ("api_requests_per_grant", "<=", 7),
+    ("grants_per_s", ">=", 100),
+    ("rss_mb_at_10000", "<=", 250),
+    ("policy_revoke_10000_s", "<=", 5),
+    ("restart_ready_10000_s", "<=", 30),
+    ("churn_cpu_cores", "<=", 0.2),
+]
+SCALE = int(os.environ.get("BENCH_SCALE", "10000"))
+#: Path prefix: record the operator with py-spy (<prefix>.raw, <prefix>.txt).
+PROFILE = os.environ.get("BENCH_PROFILE", "")
+
+
+def summarize_profile(raw: Path, out: Path, top: int = 40) -> None:
+    """Collapsed stacks -> the functions with the most samples, on and under them."""
+    own: dict[str, int] = {}
+    under: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+        for frame in set(frames):
+            under[frame] = under.get(frame, 0) + n
+    lines = [f"{total} samples (100/s) of the operator; top frames", ""]
+    for title, table in (("self", own), ("inclusive", under)):
+        lines.append(f"-- {title} --")
+        for frame, n in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+            lines.append(f"{100 * n / max(total, 1):6.1f}%  {frame}")
+        lines.append("")
+    out.write_text("\n".join(lines))
+    print(f"bench: profile in {out} (raw stacks: {raw})", flush=True)
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -98,6 +137,25 @@ class Bench:
         self._opdir = Path(tempfile.mkdtemp(prefix="aao-bench-op-"))
         self.op = OperatorProcess(self.kubeconfig, self._opdir)
         self.op.start()
+        self.spy = None
+        if PROFILE:  # sample the operator's stacks for the whole run (make profile)
+            self.spy = subprocess.Popen(
+                [
+                    str(Path(sys.executable).with_name("py-spy")),
+                    "record",
+                    "--pid",
+                    str(self.op.proc.pid),
+                    "--rate",
+                    "100",
+                    "--format",
+                    "raw",
+                    "--output",
+                    f"{PROFILE}.raw",
+                    "--nonblocking",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
         self.world = World(admin(self.kubeconfig), self.kubeconfig)
         self.kube: Kube = self.world.kube
         self.agents = self.world.namespace("bench-agents")
@@ -107,6 +165,10 @@ class Bench:
         self.seq = 0
 
     def close(self) -> None:
+        if self.spy is not None:
+            self.spy.send_signal(signal.SIGINT)
+            self.spy.wait(60)
+            summarize_profile(Path(f"{PROFILE}.raw"), Path(f"{PROFILE}.txt"))
         self.op.stop()
         self._controlplane.__exit__(None, None, None)
         shutil.rmtree(self._opdir, ignore_errors=True)
@@ -305,13 +367,35 @@ class Bench:
                 return int(line.split()[1]) / 1024
         return 0.0
 
-    def bench_scale(self, n: int = 1000) -> dict:
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """Sum of an operator metric's samples (optionally only those with `labels`)."""
+        total = 0.0
+        for line in self.op.metrics().splitlines():
+            if not line.startswith(name + "{") and not line.startswith(name + " "):
+                continue
+            found = dict(LABEL.findall(line.split("}", 1)[0])) if "{" in line else {}
+            if labels and any(found.get(k) != v for k, v in labels.items()):
+                continue
+            total += float(line.rsplit(" ", 1)[1])
+        return total
+
+    def count(self, res, ns: str, selector: str) -> int:
+        """How many objects match, from one small LIST (limit=1, remainingItemCount)."""
+        query = [("labelSelector", selector), ("limit", "1")]
+        result = self.kube.request("GET", res.path(ns), query=query, resource=res.plural)
+        items = len(result.get("items") or [])
+        return items + int((result.get("metadata") or {}).get("remainingItemCount") or 0)
+
+    def bench_scale(self, n: int = 1000, full: bool = True) -> dict:
+        """n live grants: time to grant them all, memory, API requests per grant, a
+        restart with all of them live, then one policy change that revokes them all."""
         ns = self.world.namespace("scale-target")
         self.world.policy(ns, "read", [(self.agents, "bot")], READ)
         names = [f"scale-{i}" for i in range(n)]
+        granted_before = self.metric("agentaccess_grants_issued_total")
         requests_before, cpu_before = self.apiserver_requests(), self.cpu_seconds()
         started = time.monotonic()
-        with ThreadPoolExecutor(8) as pool:
+        with ThreadPoolExecutor(16) as pool:
             list(
                 pool.map(
                     lambda nm: self.world.task(
@@ -320,27 +404,46 @@ class Bench:
                     names,
                 )
             )
-
-        def active() -> int:
-            return sum(
-                1
-                for t in self.kube.list(AGENT_TASKS, self.agents)
-                if t["metadata"]["name"].startswith("scale-")
-                and (t.get("status") or {}).get("phase") == "Active"
-            )
-
-        while active() < n and time.monotonic() - started < 600:
-            time.sleep(1)
+        created_s = time.monotonic() - started
+        polls = 0
+        while time.monotonic() - started < 1800:
+            polls += 1
+            if self.metric("agentaccess_grants_issued_total") - granted_before >= n:
+                break
+            time.sleep(0.2)
         all_active_s = time.monotonic() - started
         self.quiesce()  # the operator's trailing work belongs to the grants
         requests_after, cpu_after = self.apiserver_requests(), self.cpu_seconds()
-        # the bench client itself made n creates and the list polls above
-        polls = int(all_active_s) + 2
-        per_grant = (requests_after - requests_before - n - polls) / n
+        # the bench client itself made n creates and 2 /metrics reads per quiesce step
+        per_grant = (requests_after - requests_before - n) / n
         rss = self.rss_mb()
+        out = {
+            "tasks": n,
+            "created_s": round(created_s, 2),
+            "all_active_s": round(all_active_s, 2),
+            "grants_per_s": round(n / all_active_s, 1),
+            "operator_cpu_s_for_grants": round(cpu_after - cpu_before, 2),
+            "rss_mb": round(rss, 1),
+            "api_requests_per_grant": round(per_grant, 2),
+        }
+        if not full:
+            return out
         idle_before = self.apiserver_requests()
-        time.sleep(30)
-        idle_rate = (self.apiserver_requests() - idle_before) / 30
+        time.sleep(20)
+        idle_rate = (self.apiserver_requests() - idle_before - 1) / 20
+        live_before = self.count(ROLE_BINDINGS, ns, MANAGED)
+
+        # Restart with every grant live: back to ready, nothing revoked.
+        self.op.kill()
+        started = time.monotonic()
+        self.op.start(wait=600)
+        restart_ready = time.monotonic() - started
+        time.sleep(5)  # resumed tasks are re-checked: none may end
+        revoked_on_restart = self.metric("agentaccess_grants_revoked_total")
+        live_after = self.count(ROLE_BINDINGS, ns, MANAGED)
+        rss_after_restart = self.rss_mb()
+
+        throttled_before = self.metric("agentaccess_kubernetes_api_errors_total", {"code": "429"})
         started = time.monotonic()
         self.kube.merge_patch(
             ACCESS_POLICIES,
@@ -348,21 +451,108 @@ class Bench:
             "read",
             {"spec": {"rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]}},
         )
-        while (
-            self.kube.list(ROLE_BINDINGS, ns, "app.kubernetes.io/managed-by=agent-access-operator")
-            and time.monotonic() - started < 120
-        ):
+        while self.count(ROLE_BINDINGS, ns, MANAGED) and time.monotonic() - started < 300:
             time.sleep(0.05)
         revoke_all = time.monotonic() - started
+        throttled = (
+            self.metric("agentaccess_kubernetes_api_errors_total", {"code": "429"})
+            - throttled_before
+        )
         return {
-            "tasks": n,
-            "all_active_s": round(all_active_s, 2),
-            "grants_per_s": round(n / all_active_s, 1),
-            "operator_cpu_s_for_grants": round(cpu_after - cpu_before, 2),
-            "rss_mb_at_1000": round(rss, 1),
-            "api_requests_per_grant": round(per_grant, 2),
+            **out,
             "idle_api_requests_per_s": round(max(0.0, idle_rate), 3),
-            "policy_revoke_1000_s": round(revoke_all, 2),
+            "live_bindings_before_restart": live_before,
+            "restart_ready_s": round(restart_ready, 2),
+            "revoked_by_restart": revoked_on_restart,
+            "live_bindings_after_restart": live_after,
+            "rss_mb_after_restart": round(rss_after_restart, 1),
+            "policy_revoke_s": round(revoke_all, 2),
+            "policy_revoke_429s": throttled,
+        }
+
+    def bench_churn(self, seconds: float = 20, rate: int = 1000, pods: int = 300) -> dict:
+        """Operator CPU while unrelated pods change `rate` times a second (as many as
+        this machine's API server manages: reported)."""
+        ns = self.world.namespace("churn")
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(lambda i: self.world.pod(ns, f"churn-{i}", "default"), range(pods)))
+        time.sleep(2)
+        done = [0]
+        stop = threading.Event()
+        lock = threading.Lock()
+
+        def worker(k: int) -> None:
+            kube = admin(self.kubeconfig)
+            i = k
+            next_at = time.monotonic()
+            while not stop.is_set():
+                kube.merge_patch(
+                    PODS, ns, f"churn-{i % pods}", {"metadata": {"labels": {"tick": str(i)}}}
+                )
+                with lock:
+                    done[0] += 1
+                i += 32
+                next_at += 32 / rate
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+
+        threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(32)]
+        cpu_before, started = self.cpu_seconds(), time.monotonic()
+        for t in threads:
+            t.start()
+        time.sleep(seconds)
+        cpu_after, elapsed, events = self.cpu_seconds(), time.monotonic() - started, done[0]
+        stop.set()
+        for t in threads:
+            t.join(5)
+        achieved = events / elapsed
+        cores = (cpu_after - cpu_before) / elapsed
+        return {
+            "pods": pods,
+            "seconds": round(elapsed, 1),
+            "pod_events_per_s": round(achieved, 1),
+            "operator_cpu_cores": round(cores, 4),
+            "operator_cpu_cores_per_1000_events_per_s": round(cores * 1000 / achieved, 4)
+            if achieved
+            else None,
+        }
+
+    def bench_big_cluster(self, namespaces: int = 10000, policies: int = 1000) -> dict:
+        """Many namespaces and policies exist: operator CPU while they are made and at
+        rest, its memory, and a grant's latency among them."""
+        names = [f"big-{i}" for i in range(namespaces)]
+        cpu_before, started = self.cpu_seconds(), time.monotonic()
+        with ThreadPoolExecutor(16) as pool:
+            list(
+                pool.map(
+                    lambda nm: self.kube.create(
+                        NAMESPACES, None, {"metadata": {"name": nm, "labels": {"tier": nm[-1]}}}
+                    ),
+                    names,
+                )
+            )
+            list(
+                pool.map(
+                    lambda nm: self.world.policy(nm, "read", [(self.agents, "bot")], READ),
+                    names[:policies],
+                )
+            )
+        made_s = time.monotonic() - started
+        busy_cores = (self.cpu_seconds() - cpu_before) / made_s
+        time.sleep(5)
+        cpu_before = self.cpu_seconds()
+        time.sleep(20)
+        idle_cores = (self.cpu_seconds() - cpu_before) / 20
+        grants = [self.grant_once()[0] for _ in range(10)]
+        return {
+            "namespaces": namespaces,
+            "policies": policies,
+            "made_s": round(made_s, 1),
+            "operator_cpu_cores_while_made": round(busy_cores, 3),
+            "operator_cpu_cores_at_rest": round(idle_cores, 4),
+            "rss_mb": round(self.rss_mb(), 1),
+            "grant_p50_s": round(statistics.median(grants), 4),
         }
 
 
@@ -394,6 +584,20 @@ def plot(grants, floor_grants, r403, path: Path) -> None:
     axes[1].tick_params(axis="x", rotation=30)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+MARKER = "<!-- Written by hand below this line; bench.py keeps it. -->"
+
+
+def hand_written(path: Path) -> list[str]:
+    """The hand-written part of docs/benchmarks.md (what each optimisation did)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return []
+    if MARKER not in text:
+        return []
+    return ["", MARKER, *text.split(MARKER, 1)[1].strip("\n").splitlines()]
 
 
 def write_markdown(result: dict, path: Path) -> None:
@@ -444,29 +648,73 @@ def write_markdown(result: dict, path: Path) -> None:
             f"{ms(b['p99'])} | {a['n']} |"
         )
     lines += ["", "## Scale", ""]
-    if result.get("scale"):
-        sc = result["scale"]
+    sc = result.get("scale")
+    if sc:
         lines += [
-            "| measure | value | target |",
-            "|---|---|---|",
-            f"| tasks Active at once | {sc['tasks']} | |",
-            f"| time to grant all | {sc['all_active_s']} s ({sc['grants_per_s']}/s) | |",
-            f"| operator RSS at 1,000 active | {sc['rss_mb_at_1000']} MB | <= 150 MB |",
-            f"| API requests per grant (operator, incl. kopf) | {sc['api_requests_per_grant']} | |",
-            f"| API requests/s while idle (non-watch) | {sc['idle_api_requests_per_s']} | 0 |",
-            f"| revoke 1,000 after one policy change | {sc['policy_revoke_1000_s']} s | <= 10 s |",
-            f"| operator CPU to grant 1,000 | {sc['operator_cpu_s_for_grants']} s | |",
+            "| measure | value |",
+            "|---|---|",
+            f"| live grants | {sc['tasks']:,} |",
+            f"| time to grant all (created by 16 client threads in {sc['created_s']} s) | "
+            f"{sc['all_active_s']} s ({sc['grants_per_s']}/s) |",
+            f"| operator RSS with all live | {sc['rss_mb']} MB |",
+            f"| API requests per grant (everything the operator sent, kopf included) | "
+            f"{sc['api_requests_per_grant']} |",
+            f"| operator CPU to grant all | {sc['operator_cpu_s_for_grants']} s |",
+        ]
+        if "restart_ready_s" in sc:
+            lines += [
+                f"| API requests/s while idle (non-watch) | {sc['idle_api_requests_per_s']} |",
+                f"| restart (SIGKILL) with all live -> ready | {sc['restart_ready_s']} s |",
+                f"| grants revoked by the restart | {sc['revoked_by_restart']:.0f} "
+                f"(bindings {sc['live_bindings_before_restart']} before, "
+                f"{sc['live_bindings_after_restart']} after) |",
+                f"| RSS after the restart | {sc['rss_mb_after_restart']} MB |",
+                f"| one policy change revokes all (last RoleBinding gone) | "
+                f"{sc['policy_revoke_s']} s |",
+                f"| 429 answers the operator got meanwhile | {sc['policy_revoke_429s']:.0f} |",
+            ]
+    else:
+        lines.append("Not run.")
+    ch = result.get("churn")
+    lines += ["", "## Busy cluster: unrelated pods changing", ""]
+    if ch:
+        lines += [
+            f"{ch['pods']} unrelated pods relabelled by 32 client threads for {ch['seconds']} s: "
+            f"**{ch['pod_events_per_s']} pod events/s** reached the API server (the most it "
+            "took from this client on this machine, target 1,000/s). Operator CPU: "
+            f"**{ch['operator_cpu_cores']} cores** "
+            f"({ch['operator_cpu_cores_per_1000_events_per_s']} cores per 1,000 events/s).",
         ]
     else:
-        lines.append("Not run in quick mode (`make bench` runs it).")
-    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
-    for key, target in TARGETS.items():
+        lines.append("Not run in quick mode.")
+    big = result.get("big_cluster")
+    lines += ["", "## Many namespaces and policies", ""]
+    if big:
+        lines += [
+            "| measure | value |",
+            "|---|---|",
+            f"| namespaces / AccessPolicies created | {big['namespaces']:,} / "
+            f"{big['policies']:,} in {big['made_s']} s |",
+            f"| operator CPU while they were created | {big['operator_cpu_cores_while_made']} "
+            "cores |",
+            f"| operator CPU at rest afterwards | {big['operator_cpu_cores_at_rest']} cores |",
+            f"| operator RSS | {big['rss_mb']} MB |",
+            f"| grant p50 among them | {ms(big['grant_p50_s'])} |",
+        ]
+    else:
+        lines.append("Not run in quick mode.")
+    lines += ["", "## Goals", "", "| goal | measured | met |", "|---|---|---|"]
+    for key, op, goal in TARGETS:
         value = s.get(key)
         if isinstance(value, dict):
             value = max(v for v in value.values() if v is not None)
-        met = "n/a" if value is None else ("yes" if value <= target else "**no**")
-        shown = "n/a" if value is None else f"{value:.3f}"
-        lines.append(f"| {key} <= {target} | {shown} | {met} |")
+        if value is None:
+            met, shown = "n/a", "n/a"
+        else:
+            met = "yes" if (value <= goal if op == "<=" else value >= goal) else "**no**"
+            shown = f"{value:.3f}"
+        lines.append(f"| {key} {op} {goal} | {shown} | {met} |")
+    lines += hand_written(path)
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -474,16 +722,21 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
-        "--scale-only",
-        type=int,
-        metavar="N",
-        help="only the scale run with N tasks; prints, writes nothing",
+        "--only",
+        choices=["scale", "churn", "big"],
+        help="run one part alone; print its numbers, write nothing",
     )
+    parser.add_argument("--tasks", type=int, default=SCALE, help="size of --only scale")
     args = parser.parse_args()
     bench = Bench(args.quick)
-    if args.scale_only:
+    if args.only:
         try:
-            print(json.dumps(bench.bench_scale(args.scale_only), indent=2))
+            run = {
+                "scale": lambda: bench.bench_scale(args.tasks),
+                "churn": bench.bench_churn,
+                "big": bench.bench_big_cluster,
+            }[args.only]
+            print(json.dumps(run(), indent=2))
         finally:
             bench.close()
         return 0
@@ -494,10 +747,17 @@ def main() -> int:
         floors = [bench.floor_once() for _ in range(bench.n_grants)]
         print(f"bench: revocations x{bench.k} per trigger", flush=True)
         r403, r401 = bench.bench_revocations()
-        scale = None
-        if not args.quick:
-            print("bench: scale (1,000 tasks)", flush=True)
-            scale = bench.bench_scale()
+        churn = big = None
+        if args.quick:
+            print("bench: 200 grants at once", flush=True)
+            scale = bench.bench_scale(200, full=False)
+        else:
+            print("bench: busy cluster (pod churn)", flush=True)
+            churn = bench.bench_churn()
+            print(f"bench: scale ({SCALE:,} tasks)", flush=True)
+            scale = bench.bench_scale(SCALE)
+            print("bench: 10,000 namespaces, 1,000 policies", flush=True)
+            big = bench.bench_big_cluster()
         version = bench.kube.request("GET", "/version")["gitVersion"]
     finally:
         bench.close()
@@ -519,7 +779,11 @@ def main() -> int:
         "revoke_403": {t: summarize(v) for t, v in r403.items()},
         "revoke_401": {t: summarize(v) for t, v in r401.items()},
         "scale": scale,
+        "churn": churn,
+        "big_cluster": big,
     }
+    full_scale = scale if "restart_ready_s" in scale else None
+    key = f"_at_{scale['tasks']}" if full_scale else None
     result["summary"] = {
         "mode": "quick" if args.quick else "full",
         "grant_p50_s": result["grant"]["p50"],
@@ -528,9 +792,16 @@ def main() -> int:
         "revoke_floor_ratio": statistics.median(r403["cancel"]) / statistics.median(floor_revoke),
         "revoke_403_p99_s": {t: result["revoke_403"][t]["p99"] for t in TRIGGERS},
         "revoke_401_p99_s": {t: result["revoke_401"][t]["p99"] for t in TRIGGERS},
-        "rss_mb_at_1000": scale["rss_mb_at_1000"] if scale else None,
-        "policy_revoke_1000_s": scale["policy_revoke_1000_s"] if scale else None,
+        "api_requests_per_grant": scale["api_requests_per_grant"],
+        "grants_per_s": scale["grants_per_s"],
+        "rss_mb_at_10000": full_scale["rss_mb"] if full_scale else None,
+        "policy_revoke_10000_s": full_scale["policy_revoke_s"] if full_scale else None,
+        "restart_ready_10000_s": full_scale["restart_ready_s"] if full_scale else None,
+        "churn_cpu_cores": churn["operator_cpu_cores"] if churn else None,
+        "churn_pod_events_per_s": churn["pod_events_per_s"] if churn else None,
+        "scale_tasks": scale["tasks"],
     }
+    del key
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "latest.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -120,7 +120,8 @@ def policies(
     not_trusted = [{"name": "not-the-operator-or-an-admin", "expression": f"!({trusted})"}]
     docs: list[dict] = []
 
-    # 1. Who asked: stamped from the API server's record, whatever the client wrote.
+    # 1. Who asked: stamped from the API server's record, whatever the client wrote;
+    #    and the revoke finalizer, so the operator need not add it.
     docs += _pair(
         "MutatingAdmissionPolicy",
         f"{GROUP}-requester",
@@ -136,7 +137,8 @@ def policies(
                         f"{_q(REQUESTER[0])}: request.userInfo.username, "
                         f"{_q(REQUESTER[1])}: "
                         f"{UID}, "
-                        f"{_q(REQUESTER[2])}: {GROUPS_JSON}}}}}}}"
+                        f"{_q(REQUESTER[2])}: {GROUPS_JSON}}}, "
+                        f"finalizers: [{_q(GROUP + '/revoke')}]}}}}"
                     },
                 }
             ],
@@ -216,7 +218,10 @@ def policies(
                     "reason": "Forbidden",
                 },
                 {
-                    "expression": "variables.newFinalized == variables.oldFinalized",
+                    # On create the finalizer is there already (the requester policy adds
+                    # it: one request less per task, and no moment without it).
+                    "expression": "request.operation == 'CREATE' || "
+                    "variables.newFinalized == variables.oldFinalized",
                     "message": f"the finalizer {GROUP}/revoke is added and removed only by the "
                     "agent-access-operator",
                     "reason": "Forbidden",
@@ -235,7 +240,9 @@ def policies(
         {
             "failurePolicy": "Fail",
             "matchConstraints": {"resourceRules": [_rules("", ["secrets"], ["CREATE", "UPDATE"])]},
-            "matchConditions": not_trusted,
+            # No exemption, not even for cluster admins or the operator: nobody needs one,
+            # and the token controller would fill it with a token that lives as long as
+            # the Secret.
             "validations": [
                 {
                     "expression": f"!({sa_token}) || "

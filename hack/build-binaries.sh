@@ -21,12 +21,17 @@ HELM_BIN="$BIN/helm-v$HELM_VERSION"
 
 log() { echo "build-binaries: $*" >&2; }
 
-build_kube_apiserver() {
-  [ -x "$K8S_BIN/kube-apiserver" ] && return 0
+# Kubernetes components built from the same k8s.io/kubernetes module, one version.
+K8S_COMPONENTS="${K8S_COMPONENTS:-kube-apiserver kube-controller-manager}"
+
+build_kubernetes() {
+  local missing=""
+  for c in $K8S_COMPONENTS; do [ -x "$K8S_BIN/$c" ] || missing="$missing $c"; done
+  [ -z "$missing" ] && return 0
   local minor="${K8S_VERSION#*.}"; minor="${minor%%.*}"
   local staging_version="0.${K8S_VERSION#*.}"
   local mod; mod="$(mktemp -d)"
-  log "building kube-apiserver v$K8S_VERSION in $mod (cold build: several minutes)"
+  log "building$missing v$K8S_VERSION in $mod (cold build: several minutes)"
   local started=$SECONDS
   (
     cd "$mod"
@@ -45,24 +50,25 @@ GOMOD
       | awk '{print $1}' | sort -u \
       | while read -r m; do echo "replace $m => $m v$staging_version" >> go.mod; done
     log "$(grep -c '^replace' go.mod) staging modules replaced with v$staging_version"
-    cat > tools.go <<'GOSRC'
-//go:build tools
-
-package tools
-
-import _ "k8s.io/kubernetes/cmd/kube-apiserver"
-GOSRC
+    {
+      printf '//go:build tools\n\npackage tools\n\nimport (\n'
+      for c in $missing; do printf '\t_ "k8s.io/kubernetes/cmd/%s"\n' "$c"; done
+      printf ')\n'
+    } > tools.go
     go mod tidy -e >/dev/null 2>&1 || true
-    go get "k8s.io/kubernetes/cmd/kube-apiserver@v$K8S_VERSION" >&2
+    for c in $missing; do go get "k8s.io/kubernetes/cmd/$c@v$K8S_VERSION" >&2; done
     local ld="-s -w"
     for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
       ld="$ld -X $p.gitVersion=v$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
     done
-    mkdir -p "$K8S_BIN.tmp"
-    go build -ldflags "$ld" -o "$K8S_BIN.tmp/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver
+    mkdir -p "$K8S_BIN"
+    for c in $missing; do
+      go build -ldflags "$ld" -o "$K8S_BIN/$c.tmp" "k8s.io/kubernetes/cmd/$c"
+      mv "$K8S_BIN/$c.tmp" "$K8S_BIN/$c"
+    done
   )
-  rm -rf "$K8S_BIN"; mv "$K8S_BIN.tmp" "$K8S_BIN"; rm -rf "$mod"
-  log "kube-apiserver built in $((SECONDS - started))s"
+  rm -rf "$mod"
+  log "built$missing in $((SECONDS - started))s"
 }
 
 build_etcd() {
@@ -110,7 +116,7 @@ build_helm() {
 command -v go >/dev/null || { log "go is required to build the control-plane binaries"; exit 1; }
 build_etcd
 build_helm
-build_kube_apiserver
+build_kubernetes
 if [ "${1:-}" = "--print" ]; then
   echo "$K8S_BIN:$ETCD_BIN:$HELM_BIN"
 fi

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""A local Kubernetes control plane, envtest-style: etcd + kube-apiserver, no kubelet.
+"""A local Kubernetes control plane: etcd, kube-apiserver and kube-controller-manager
+(garbage collector, ServiceAccount token controller, namespace controller); no kubelet.
 
     python hack/controlplane.py up      # start (idempotent), write .controlplane/kubeconfig
     python hack/controlplane.py down    # stop and remove all state
     python hack/controlplane.py status  # exit 0 when up and ready
 
 Binaries come from hack/build-binaries.sh (cached outside the repo by version).
+AAO_CONTROLLER_MANAGER=0 leaves kube-controller-manager out.
 State (certificates, etcd data, logs) lives in a temporary directory recorded in
 .controlplane/state.json; only 127.0.0.1 is listened on, on free ports.
 Used by the Makefile and by the pytest fixture in tests/integration/conftest.py.
@@ -41,6 +43,10 @@ STATE_DIR = Path(os.environ.get("AAO_CONTROLPLANE_DIR", ROOT / ".controlplane"))
 KUBECONFIG = STATE_DIR / "kubeconfig"
 STATE_FILE = STATE_DIR / "state.json"
 READY_TIMEOUT = float(os.environ.get("AAO_CONTROLPLANE_TIMEOUT", "90"))
+#: The controllers kube-controller-manager runs here: what the operator's promises
+#: rely on (owner references, legacy token Secrets, namespace deletion).
+CONTROLLERS = "garbagecollector,serviceaccount-token,namespace"
+PROCESSES = ("kube-controller-manager", "kube-apiserver", "etcd")  # stop order
 
 
 def log(msg: str) -> None:
@@ -160,8 +166,18 @@ def make_pki(d: Path) -> dict[str, Path]:
         ca_key,
         client=True,
     )
+    kcm_key = _key()
+    kcm = _cert(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "system:kube-controller-manager")]),
+        kcm_key,
+        ca_name,
+        ca_key,
+        client=True,
+    )
     files = {
         "ca.crt": ca.public_bytes(pem),
+        "kube-controller-manager.crt": kcm.public_bytes(pem),
+        "kube-controller-manager.key": _pem_key(kcm_key),
         "apiserver.crt": srv.public_bytes(pem),
         "apiserver.key": _pem_key(srv_key),
         "admin.crt": adm.public_bytes(pem),
@@ -210,7 +226,7 @@ def ready(state: dict) -> bool:
         return False
 
 
-def write_kubeconfig(state: dict) -> None:
+def write_kubeconfig(state: dict, user: str = "admin", path: Path | None = None) -> None:
     d = Path(state["dir"])
     b64 = lambda name: base64.b64encode((d / name).read_bytes()).decode()  # noqa: E731
     config = {
@@ -227,8 +243,8 @@ def write_kubeconfig(state: dict) -> None:
             {
                 "name": "admin",
                 "user": {
-                    "client-certificate-data": b64("admin.crt"),
-                    "client-key-data": b64("admin.key"),
+                    "client-certificate-data": b64(f"{user}.crt"),
+                    "client-key-data": b64(f"{user}.key"),
                 },
             }
         ],
@@ -243,8 +259,9 @@ def write_kubeconfig(state: dict) -> None:
             }
         ],
     }
-    KUBECONFIG.write_text(json.dumps(config, indent=2))
-    KUBECONFIG.chmod(0o600)
+    path = path or KUBECONFIG
+    path.write_text(json.dumps(config, indent=2))
+    path.chmod(0o600)
 
 
 def stop_apiserver(state: dict) -> None:
@@ -376,19 +393,56 @@ def up() -> dict:
             f"see {d / 'kube-apiserver.log'}"
         )
     write_kubeconfig(state)
+    if os.environ.get("AAO_CONTROLLER_MANAGER", "1") != "0":
+        start_controller_manager(state, pki)
     log(f"up at {state['server']} (state in {d})")
     return state
+
+
+def start_controller_manager(state: dict, pki: dict[str, Path]) -> None:
+    """kube-controller-manager with its own certificate (system:kube-controller-manager)
+    and one ServiceAccount per controller, as kubeadm runs it. Not waited for: it
+    catches up within seconds, and only tests of its controllers need it."""
+    d = Path(state["dir"])
+    kubeconfig = d / "kube-controller-manager.kubeconfig"
+    write_kubeconfig(state, "kube-controller-manager", kubeconfig)
+    state["commands"]["kube-controller-manager"] = [
+        find_binary("kube-controller-manager"),
+        f"--kubeconfig={kubeconfig}",
+        f"--controllers={CONTROLLERS}",
+        "--use-service-account-credentials=true",
+        f"--root-ca-file={pki['ca.crt']}",
+        f"--service-account-private-key-file={pki['sa.key']}",
+        "--leader-elect=false",
+        "--secure-port=0",
+        "--concurrent-gc-syncs=20",
+        "--v=1",
+    ]
+    state["pids"]["kube-controller-manager"] = start_process(
+        state["commands"]["kube-controller-manager"], d / "kube-controller-manager.log"
+    )
+    STATE_FILE.write_text(json.dumps(state))
+
+
+def controller_manager_ready(state: dict) -> bool:
+    """Its controllers have started (the log says so once their caches synced)."""
+    log_file = Path(state["dir"]) / "kube-controller-manager.log"
+    try:
+        text = log_file.read_text(errors="replace")
+    except OSError:
+        return False
+    return "all resource monitors have synced" in text.lower()
 
 
 def down(quiet: bool = False) -> None:
     state = read_state()
     if state:
-        for name in ("kube-apiserver", "etcd"):
+        for name in PROCESSES:
             pid = state["pids"].get(name)
             if pid and alive(pid):
                 with contextlib.suppress(OSError):
                     os.killpg(pid, signal.SIGTERM)
-        for name in ("kube-apiserver", "etcd"):
+        for name in PROCESSES:
             pid = state["pids"].get(name)
             end = time.monotonic() + 10
             while pid and alive(pid) and time.monotonic() < end:

@@ -1,4 +1,18 @@
-"""Facts a decision needs, read from the cluster: policies, namespaces, agent, pod.
+"""Facts a decision needs: policies, namespaces, agent, pod.
+
+They come from watches (`Cache`, see informers.py), so a decision or a
+re-evaluation makes no read call. Freshness rules:
+
+- Until every watch has listed once, and while any watch is broken (from the
+  failure to the relist after it), facts are read from the API server instead.
+- A grant decided on watched facts is re-checked by every later change the watches
+  deliver (a policy narrowed or deleted, a namespace relabelled or deleted, the
+  agent or the pod gone): the change that raced the decision ends the grant as soon
+  as it arrives, exactly as a change made just after the grant would. Changes that
+  arrive while the grant is being issued are caught by the registry's generation.
+- A denial is never made on watched facts: the decision is taken again from facts
+  read from the API server (a policy, namespace, agent or pod created a moment
+  before the task may not have arrived yet), and that one stands.
 
 Every parse of a user object is total: a malformed or hostile policy is skipped
 (and logged), never a crash of the decision or re-evaluation that lists it.
@@ -12,21 +26,34 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .engine import PodFacts, Policy, SpecError, TaskSpec, World, parse_policy
+from .informers import SKIP, Informer, Key, OnChange, wait_synced
 from .kube import ACCESS_POLICIES, CLUSTER_ACCESS_POLICIES, NAMESPACES, PODS, SERVICE_ACCOUNTS, Kube
+from .model import IDENTITY_PREFIX
 
 log = logging.getLogger(__name__)
 
 
+def _policy(body: Mapping[str, Any], kind: str) -> Policy | None:
+    try:
+        return parse_policy(dict(body, kind=kind))
+    except SpecError as exc:
+        meta = body.get("metadata") or {}
+        log.warning("ignoring policy %s/%s: %s", meta.get("namespace"), meta.get("name"), exc)
+        return None
+
+
 def parse_policies(namespaced: list[dict], cluster: list[dict]) -> list[Policy]:
-    out = []
-    for body in namespaced + [dict(b, kind="ClusterAccessPolicy") for b in cluster]:
-        body.setdefault("kind", "AccessPolicy")
-        try:
-            out.append(parse_policy(body))
-        except SpecError as exc:
-            meta = body.get("metadata") or {}
-            log.warning("ignoring policy %s/%s: %s", meta.get("namespace"), meta.get("name"), exc)
-    return out
+    out = [_policy(b, b.get("kind") or "AccessPolicy") for b in namespaced]
+    out += [_policy(b, "ClusterAccessPolicy") for b in cluster]
+    return [p for p in out if p is not None]
+
+
+def _namespace_labels(ns: Mapping[str, Any]) -> dict[str, str] | Any:
+    meta = ns.get("metadata") or {}
+    if meta.get("deletionTimestamp"):
+        return SKIP  # a namespace being deleted is no place to grant into
+    labels = meta.get("labels")
+    return dict(labels) if isinstance(labels, dict) else {}
 
 
 def namespace_labels(items: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, str]]:
@@ -53,12 +80,99 @@ def pod_facts(pod: Mapping[str, Any] | None) -> PodFacts | None:
     )
 
 
+def _agent_uid(sa: Mapping[str, Any]) -> str | Any:
+    """A ServiceAccount that may be an agent: its UID. The operator's own per-task
+    identities (aat-*, a reserved prefix) are never agents: not kept."""
+    meta = sa.get("metadata") or {}
+    if str(meta.get("name") or "").startswith(IDENTITY_PREFIX):
+        return SKIP
+    return str(meta.get("uid") or "")
+
+
+class Cache:
+    """The watches behind the facts; `on_*` callbacks are set before `start`."""
+
+    def __init__(self, kube: Kube):
+        self.kube = kube
+        self.on_policy: OnChange | None = None
+        self.on_namespace: OnChange | None = None
+        self.on_service_account: OnChange | None = None
+        self.on_pod: OnChange | None = None
+        self.policies: Informer[Policy] = Informer(
+            kube,
+            ACCESS_POLICIES,
+            lambda b: _policy(b, "AccessPolicy") or SKIP,
+            self._report("on_policy"),
+            by_namespace=True,
+        )
+        self.cluster_policies: Informer[Policy] = Informer(
+            kube,
+            CLUSTER_ACCESS_POLICIES,
+            lambda b: _policy(b, "ClusterAccessPolicy") or SKIP,
+            self._report("on_policy"),
+        )
+        self.namespaces: Informer[dict[str, str]] = Informer(
+            kube, NAMESPACES, _namespace_labels, self._report("on_namespace")
+        )
+        self.service_accounts: Informer[str] = Informer(
+            kube, SERVICE_ACCOUNTS, _agent_uid, self._report("on_service_account")
+        )
+        self.pods: Informer[PodFacts] = Informer(
+            kube, PODS, lambda b: pod_facts(b) or SKIP, self._report("on_pod")
+        )
+        self.all: list[Informer[Any]] = [
+            self.policies,
+            self.cluster_policies,
+            self.namespaces,
+            self.service_accounts,
+            self.pods,
+        ]
+
+    def _report(self, attribute: str) -> OnChange:
+        def report(kind: str, key: Key, old: Any, new: Any) -> None:
+            callback = getattr(self, attribute)
+            if callback is not None:
+                callback(kind, key, old, new)
+
+        return report
+
+    def start(self, timeout: float = 60) -> bool:
+        """Start every watch; wait (up to `timeout`) until each has listed once."""
+        for informer in self.all:
+            informer.start()
+        return wait_synced(self.all, timeout)
+
+    def stop(self) -> None:
+        for informer in self.all:
+            informer.stop()
+
+    def ready(self) -> bool:
+        return all(i.synced.is_set() and i.healthy for i in self.all)
+
+    def sizes(self) -> dict[str, int]:
+        return {i.name: len(i) for i in self.all}
+
+
 class Facts:
-    def __init__(self, kube: Kube, io: ThreadPoolExecutor):
+    def __init__(self, kube: Kube, io: ThreadPoolExecutor, cache: Cache | None = None):
         self.kube = kube
         self.io = io
+        self.cache = cache
+
+    def cache_ready(self) -> bool:
+        return self._cached() is not None
+
+    def _cached(self) -> Cache | None:
+        return self.cache if self.cache is not None and self.cache.ready() else None
 
     def policies(self, namespaces: Iterable[str] | None) -> list[Policy]:
+        cache = self._cached()
+        if cache is not None:
+            if namespaces is None:
+                namespaced = cache.policies.values()
+            else:
+                namespaced = [p for n in set(namespaces) for p in cache.policies.in_namespace(n)]
+            return namespaced + cache.cluster_policies.values()
         if namespaces is None:
             raw = self.kube.list(ACCESS_POLICIES)
         else:
@@ -66,13 +180,55 @@ class Facts:
         return parse_policies(raw, self.kube.list(CLUSTER_ACCESS_POLICIES))
 
     def namespaces(self, names: Iterable[str] | None) -> dict[str, dict[str, str]]:
+        cache = self._cached()
+        if cache is not None:
+            if names is None:
+                return {name: labels for (_, name), labels in cache.namespaces.items.items()}
+            found = {n: cache.namespaces.get(None, n) for n in names}
+            return {n: labels for n, labels in found.items() if labels is not None}
         if names is None:
             items = self.kube.list(NAMESPACES)
         else:
             items = [ns for n in names if (ns := self.kube.get(NAMESPACES, None, n))]
         return namespace_labels(items)
 
-    def world(self, spec: TaskSpec) -> World:
+    def agent_exists(self, namespace: str, name: str) -> bool:
+        """Absent from the watch: confirmed by a read before it counts."""
+        cache = self._cached()
+        if cache is not None and cache.service_accounts.get(namespace, name) is not None:
+            return True
+        return self.kube.get(SERVICE_ACCOUNTS, namespace, name) is not None
+
+    def pod(self, namespace: str, name: str, uid: str | None = None) -> PodFacts | None:
+        """The pod as watched; if absent, deleting, finished or another UID than
+        expected, confirmed by a read (which then decides)."""
+        cache = self._cached()
+        if cache is not None:
+            pod = cache.pods.get(namespace, name)
+            if (
+                pod is not None
+                and not pod.deleting
+                and pod.phase not in ("Succeeded", "Failed")
+                and (not uid or pod.uid == uid)
+            ):
+                return pod
+        return pod_facts(self.kube.get(PODS, namespace, name))
+
+    def world(self, spec: TaskSpec) -> tuple[World, bool]:
+        """Every fact the decision needs: from the watches (no request; True) when they
+        are ready, else read from the API server (False)."""
+        cache = self._cached()
+        if cache is None:
+            return self.world_from_api(spec), False
+        targets = spec.target_namespaces
+        return World(
+            policies=self.policies(targets),
+            namespaces=self.namespaces(targets),
+            agent_exists=cache.service_accounts.get(spec.namespace, spec.agent) is not None,
+            pod=cache.pods.get(spec.namespace, spec.pod_name) if spec.pod_name else None,
+        ), True
+
+    def world_from_api(self, spec: TaskSpec) -> World:
         """Read every fact the decision needs, concurrently (one round trip, not five)."""
         targets = spec.target_namespaces
         submit = self.io.submit

@@ -15,8 +15,8 @@ ISSUE_STEPS = (
     "issue:serviceaccount",
     "issue:role",
     "issue:rolebinding",
-    "issue:secret",
     "issue:token",
+    "issue:secret",
     "issue:status",
 )
 REVOKE_STEPS = (

@@ -20,7 +20,7 @@ from .audit import AuditLog
 from .kopf_state import MemoryDiffBaseStorage, MemoryProgressStorage
 from .kube import AGENT_TASKS, Kube, KubeError
 from .metrics import Health, Metrics
-from .model import CLUSTER_POLICIES, FINALIZER, GROUP, POLICIES, TASKS, VERSION
+from .model import FINALIZER, GROUP, TASKS, VERSION
 from .rules import DEFAULT_GUARDRAILS, Guardrails
 from .service import Service
 
@@ -199,37 +199,6 @@ def _delete(svc: Service, body: kopf.Body) -> None:
             raise kopf.TemporaryError(f"API error, retrying: {exc}", delay=1) from exc
 
 
-@kopf.on.event(GROUP, VERSION, POLICIES)
-def access_policy_event(type: str | None, namespace: str | None, **_: Any) -> None:
-    if type is None:  # the initial listing: tasks are re-checked as they resume
-        return
-    with _timed("policy"):
-        service().on_policy_change(namespace)
-
-
-@kopf.on.event(GROUP, VERSION, CLUSTER_POLICIES)
-def cluster_access_policy_event(type: str | None, **_: Any) -> None:
-    if type is None:
-        return
-    with _timed("policy"):
-        service().on_policy_change(None)
-
-
-@kopf.on.event("", "v1", "pods")
-def pod_event(type: str | None, body: kopf.Body, **_: Any) -> None:
-    with _timed("pod"):
-        service().on_pod(type, body)
-
-
-@kopf.on.event("", "v1", "serviceaccounts")
-def service_account_event(type: str | None, namespace: str | None, name: str, **_: Any) -> None:
-    if type == "DELETED" and namespace:
-        with _timed("serviceaccount"):
-            service().on_service_account_deleted(namespace, name)
-
-
-@kopf.on.event("", "v1", "namespaces")
-def namespace_event(type: str | None, name: str, **_: Any) -> None:
-    if type == "MODIFIED":
-        with _timed("namespace"):
-            service().on_namespace_change(name)
+# Policies, cluster policies, namespaces, ServiceAccounts and pods are watched by the
+# service itself (facts.Cache): compact in-memory facts, changes filtered before any
+# work, no kopf machinery per event of an unrelated pod.

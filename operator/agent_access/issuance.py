@@ -19,7 +19,7 @@ from . import status as st
 from .engine import Denied, Granted, PodFacts, SpecError, TaskSpec, World, evaluate, parse_task
 from .facts import Facts
 from .faults import checkpoint
-from .kube import AGENT_TASKS, SECRETS, Kube, KubeError, NotFound
+from .kube import AGENT_TASKS, Kube, KubeError, NotFound
 from .metrics import Metrics
 from .model import (
     ANNOTATION_EXPIRES_AT,
@@ -144,11 +144,17 @@ class Issuance:
             self._end_unissued(task, spec, Reason.CANCELLED, "cancelled before access was granted")
             return
         generation = self.registry.generation
-        world = self.facts.world(spec)
+        world, watched = self.facts.world(spec)
         # Evaluation is pure CPU: one thread does it for everyone, so however many
         # costly requests arrive, they take one core's share and the revocation threads
         # keep getting the interpreter (the GIL) promptly.
         decision = self.cpu.submit(evaluate, spec, world, self.clock(), self.guardrails).result()
+        if isinstance(decision, Denied) and watched:
+            # Never deny on watched facts: what the task relies on may have been created
+            # a moment before it and not have arrived yet. Read, and decide again.
+            world = self.facts.world_from_api(spec)
+            again = self.cpu.submit(evaluate, spec, world, self.clock(), self.guardrails)
+            decision = again.result()
         if isinstance(decision, Denied):
             self._deny(task, decision, spec)
             return
@@ -237,30 +243,30 @@ class Issuance:
                     objects.role_binding(task, g.namespace, g.binding, ns, plan.service_account),
                 )
                 checkpoint("issue:rolebinding")
-            expires = st.rfc3339(decision.expires_at)
-            secret = make(
-                SECRET,
-                objects.token_secret(task, plan.secret, owners, plan.service_account, expires),
-            )
-            checkpoint("issue:secret")
-            make(ROLE, objects.token_reader_role(task, plan.reader, plan.secret))
-            make(ROLE_BINDING, objects.token_reader_binding(task, plan.reader, plan.spec.agent))
+            # The token is made first and stored with the Secret in one write. It is
+            # not bound to the Secret: it dies with the ServiceAccount, which every
+            # revocation (and the garbage collector, when a pod owns it) deletes.
             token, _ = self.kube.request_token(
                 ns,
                 plan.service_account,
                 objects.token_seconds(int(decision.ttl.total_seconds())),
                 plan.spec.audiences,
-                {
-                    "apiVersion": "v1",
-                    "kind": "Secret",
-                    "name": plan.secret,
-                    "uid": secret["metadata"]["uid"],
-                },
+                None,
             )
             encoded = base64.b64encode(token.encode()).decode()
             del token
-            self.kube.merge_patch(SECRETS, ns, plan.secret, {"data": {"token": encoded}})
-            checkpoint("issue:token")
+            checkpoint("issue:token")  # the token exists only in this process
+            expires = st.rfc3339(decision.expires_at)
+            make(
+                SECRET,
+                objects.token_secret(
+                    task, plan.secret, owners, plan.service_account, expires, encoded
+                ),
+            )
+            del encoded
+            checkpoint("issue:secret")
+            make(ROLE, objects.token_reader_role(task, plan.reader, plan.secret))
+            make(ROLE_BINDING, objects.token_reader_binding(task, plan.reader, plan.spec.agent))
         except KubeError:
             self.delete_objects(replace(plan, object_uids=created))
             raise

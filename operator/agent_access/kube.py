@@ -13,7 +13,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -88,6 +88,8 @@ ROLE_BINDINGS = Resource("/apis/rbac.authorization.k8s.io/v1", "rolebindings")
 AGENT_TASKS = Resource(f"/apis/{GROUP}/{VERSION}", TASKS)
 ACCESS_POLICIES = Resource(f"/apis/{GROUP}/{VERSION}", POLICIES)
 CLUSTER_ACCESS_POLICIES = Resource(f"/apis/{GROUP}/{VERSION}", CLUSTER_POLICIES, namespaced=False)
+
+Items = list[dict[str, Any]]
 
 #: Called after every API call with (verb, resource plural, status code, seconds).
 RequestObserver = Callable[[str, str, int, float], None]
@@ -208,6 +210,80 @@ class Kube:
             self.request("GET", res.path(namespace), query=query, resource=res.plural).get("items")
             or []
         )
+
+    def list_all(
+        self, res: Resource, namespace: str | None = None, page: int = 500
+    ) -> tuple[Items, str]:
+        """Every object of a kind, in pages; returns (items, the list's resourceVersion)."""
+        items: Items = []
+        token = ""
+        while True:
+            query = [("limit", str(page))] + ([("continue", token)] if token else [])
+            result = self.request("GET", res.path(namespace), query=query, resource=res.plural)
+            items.extend(result.get("items") or [])
+            meta = result.get("metadata") or {}
+            token = meta.get("continue") or ""
+            if not token:
+                return items, str(meta.get("resourceVersion") or "")
+
+    def watch(
+        self, res: Resource, resource_version: str, timeout: int = 300
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Stream (type, object) watch events from `resource_version`, bookmarks included.
+
+        First yields ("OPEN", {}) once the server accepted the watch. Ends when the
+        server closes it (after about `timeout` seconds). Raises
+        Gone when that version is too old (relist), KubeError on other failures.
+        """
+        query = [
+            ("watch", "1"),
+            ("resourceVersion", resource_version),
+            ("allowWatchBookmarks", "true"),
+            ("timeoutSeconds", str(timeout)),
+        ]
+        started = time.monotonic()
+        try:
+            method, url, hdrs, data, post = self.api.param_serialize(
+                method="GET",
+                resource_path=res.path(),
+                query_params=query,
+                header_params={"Accept": "application/json"},
+                auth_settings=["BearerToken"],
+            )
+            response = self.api.call_api(
+                method, url, hdrs, data, post, _request_timeout=(10, timeout + 30)
+            ).response
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            why = f"connection error: {type(exc).__name__}"
+            raise KubeError(0, why, "WATCH", res.path()) from None
+        if self.observer:
+            self.observer("WATCH", res.plural, response.status, time.monotonic() - started)
+        try:
+            if response.status != 200:
+                reason = _reason(response.read(), f"HTTP {response.status}")
+                error = {410: Gone}.get(response.status, KubeError)
+                raise error(response.status, reason, "WATCH", res.path())
+            yield "OPEN", {}
+            pending = b""
+            for chunk in response.stream(1 << 16):
+                lines = (pending + chunk).split(b"\n")
+                pending = lines.pop()
+                for line in lines:
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    kind, obj = event.get("type"), event.get("object") or {}
+                    if kind == "ERROR":
+                        code = int(obj.get("code") or 0)
+                        error = {410: Gone}.get(code, KubeError)
+                        raise error(code, str(obj.get("message") or ""), "WATCH", res.path())
+                    yield str(kind), obj
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            why = f"watch broken: {type(exc).__name__}"
+            raise KubeError(0, why, "WATCH", res.path()) from None
+        finally:  # also when the consumer stops early: never reuse a half-read stream
+            response.close()
+            response.release_conn()
 
     def create(self, res: Resource, namespace: str | None, body: Mapping[str, Any]) -> dict:
         return self.request("POST", res.path(namespace), body=body, resource=res.plural)

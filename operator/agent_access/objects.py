@@ -175,8 +175,9 @@ def token_secret(
     owners: list[dict[str, Any]],
     service_account_name: str,
     expires_at: str,
+    token_b64: str = "",
 ) -> dict[str, Any]:
-    """The Secret that carries the token (filled in after TokenRequest)."""
+    """The Secret that carries the token (base64, as `data` holds it)."""
     meta = _meta(task, name, task["metadata"]["namespace"], owners)
     meta["annotations"] = {
         "agentaccess.io/service-account": service_account_name,
@@ -187,7 +188,7 @@ def token_secret(
         "kind": "Secret",
         "type": SECRET_TYPE,
         "metadata": meta,
-        "data": {},
+        "data": {"token": token_b64} if token_b64 else {},
     }
     return body
 

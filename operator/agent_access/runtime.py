@@ -128,15 +128,23 @@ def planned_grant(task: Mapping[str, Any], spec: TaskSpec) -> LiveGrant:
     )
 
 
-@dataclass
 class Registry:
-    """Live grants by task UID, indexed by pod, agent and target namespace."""
+    """Live grants by task UID, indexed by pod, agent and target namespace.
 
-    _grants: dict[str, LiveGrant] = field(default_factory=dict)
-    _locks: dict[str, threading.Lock] = field(default_factory=lambda: defaultdict(threading.Lock))
-    _mutex: threading.Lock = field(default_factory=threading.Lock)
-    #: Bumped by every outside change that may end grants (see Service.note_change).
-    generation: int = 0
+    The indexes make every lookup a watch event needs O(matches), not O(grants):
+    a busy cluster's pod events cost a dict lookup each, whatever the number of
+    live grants.
+    """
+
+    def __init__(self) -> None:
+        self._grants: dict[str, LiveGrant] = {}
+        self._locks: dict[str, threading.Lock] = defaultdict(threading.Lock)
+        self._mutex = threading.Lock()
+        self._by_pod: dict[tuple[str, str], set[str]] = defaultdict(set)
+        self._by_agent: dict[tuple[str, str], set[str]] = defaultdict(set)
+        self._by_target: dict[str, set[str]] = defaultdict(set)
+        #: Bumped by every outside change that may end grants (see Service.note_change).
+        self.generation = 0
 
     def lock(self, uid: str) -> threading.Lock:
         with self._mutex:
@@ -146,13 +154,46 @@ class Registry:
         with self._mutex:
             self._locks.pop(uid, None)
 
+    @staticmethod
+    def _keys(grant: LiveGrant) -> tuple[tuple[str, str] | None, tuple[str, str], set[str]]:
+        pod = (grant.namespace, grant.spec.pod_name) if grant.spec.pod_name else None
+        return pod, (grant.namespace, grant.spec.agent), {g.namespace for g in grant.grants}
+
+    @staticmethod
+    def _drop(index: dict[Any, set[str]], key: Any, uid: str) -> None:
+        uids = index.get(key)
+        if uids is not None:
+            uids.discard(uid)
+            if not uids:
+                del index[key]
+
+    def _unindex(self, grant: LiveGrant) -> None:
+        pod, agent, targets = self._keys(grant)
+        if pod is not None:
+            self._drop(self._by_pod, pod, grant.uid)
+        self._drop(self._by_agent, agent, grant.uid)
+        for t in targets:
+            self._drop(self._by_target, t, grant.uid)
+
     def add(self, grant: LiveGrant) -> None:
         with self._mutex:
+            old = self._grants.get(grant.uid)
+            if old is not None:
+                self._unindex(old)
             self._grants[grant.uid] = grant
+            pod, agent, targets = self._keys(grant)
+            if pod is not None:
+                self._by_pod[pod].add(grant.uid)
+            self._by_agent[agent].add(grant.uid)
+            for t in targets:
+                self._by_target[t].add(grant.uid)
 
     def remove(self, uid: str) -> LiveGrant | None:
         with self._mutex:
-            return self._grants.pop(uid, None)
+            grant = self._grants.pop(uid, None)
+            if grant is not None:
+                self._unindex(grant)
+            return grant
 
     def get(self, uid: str) -> LiveGrant | None:
         with self._mutex:
@@ -169,19 +210,30 @@ class Registry:
     def __len__(self) -> int:
         return len(self._grants)
 
+    def _lookup(self, index: dict[Any, set[str]], key: Any) -> list[LiveGrant]:
+        with self._mutex:
+            return [self._grants[u] for u in index.get(key, ()) if u in self._grants]
+
+    def has_pod(self, namespace: str, pod: str) -> bool:
+        """Cheap: does any live grant end with this pod? (No list is built.)"""
+        return (namespace, pod) in self._by_pod
+
+    def has_agent(self, namespace: str, agent: str) -> bool:
+        return (namespace, agent) in self._by_agent
+
     def for_pod(self, namespace: str, pod: str) -> list[LiveGrant]:
-        return [g for g in self.all() if g.namespace == namespace and g.spec.pod_name == pod]
+        return self._lookup(self._by_pod, (namespace, pod))
 
     def for_agent(self, namespace: str, agent: str) -> list[LiveGrant]:
-        return [g for g in self.all() if g.namespace == namespace and g.spec.agent == agent]
+        return self._lookup(self._by_agent, (namespace, agent))
 
     def for_target(self, namespaces: Iterable[str] | None) -> list[LiveGrant]:
         """Grants into any of these namespaces; all grants when namespaces is None."""
-        grants = self.all()
         if namespaces is None:
-            return grants
-        wanted = set(namespaces)
-        return [g for g in grants if wanted & {n.namespace for n in g.grants}]
+            return self.all()
+        with self._mutex:
+            uids = set().union(*(self._by_target.get(n, ()) for n in namespaces))
+            return [self._grants[u] for u in uids if u in self._grants]
 
 
 class Deadlines:

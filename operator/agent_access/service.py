@@ -13,6 +13,7 @@ anyone else neither ends a live grant (it is restored) nor revives an ended one.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -29,10 +30,11 @@ from .engine import (
     parse_task,
     reassess,
 )
-from .facts import Facts, pod_facts
+from .facts import Cache, Facts
 from .faults import checkpoint
+from .informers import Key
 from .issuance import Issuance, _requested, _requester, _stub
-from .kube import AGENT_TASKS, PODS, SERVICE_ACCOUNTS, Kube, KubeError, NotFound
+from .kube import AGENT_TASKS, SERVICE_ACCOUNTS, Kube, KubeError, NotFound
 from .metrics import Metrics
 from .model import (
     ANNOTATION_EXPIRES_AT,
@@ -92,7 +94,18 @@ class Service(Issuance):
         #: requests never delays a cancel, a deletion or a pod's end.
         self.decisions = ThreadPoolExecutor(max(4, workers // 2), thread_name_prefix="decide")
         self.cpu = ThreadPoolExecutor(1, thread_name_prefix="evaluate")
-        self.facts = Facts(kube, self.io)
+        #: Re-evaluations after policy and namespace changes, coalesced (see _dirty).
+        self.triggers = ThreadPoolExecutor(1, thread_name_prefix="reevaluate")
+        self._dirty: set[str] = set()
+        self._dirty_all = False
+        self._dirty_queued = False
+        self._dirty_lock = threading.Lock()
+        self.cache = Cache(kube)
+        self.cache.on_policy = self._policy_event
+        self.cache.on_namespace = self._namespace_event
+        self.cache.on_service_account = self._service_account_event
+        self.cache.on_pod = self._pod_event
+        self.facts = Facts(kube, self.io, self.cache)
         self.owned = Owned(kube)
         self.deadlines = Deadlines(self._fire)
         self._retry: dict[str, tuple[Reason, str]] = {}
@@ -112,7 +125,9 @@ class Service(Issuance):
         self.pool.submit(self.on_deadline, uid)
 
     def close(self) -> None:
+        self.cache.stop()
         self.deadlines.stop()
+        self.triggers.shutdown(wait=False, cancel_futures=True)
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.decisions.shutdown(wait=False, cancel_futures=True)
         self.cpu.shutdown(wait=False, cancel_futures=True)
@@ -204,11 +219,11 @@ class Service(Issuance):
                 f"the installation's guardrails no longer allow it: {forbidden.message}",
             )
             return
-        if self.kube.get(SERVICE_ACCOUNTS, spec.namespace, spec.agent) is None:
+        if not self.facts.agent_exists(spec.namespace, spec.agent):
             self.revoke(grant, Reason.AGENT_NOT_FOUND, f"agent ServiceAccount {spec.agent} deleted")
             return
         if spec.pod_name:
-            pod = pod_facts(self.kube.get(PODS, spec.namespace, spec.pod_name))
+            pod = self.facts.pod(spec.namespace, spec.pod_name, grant.pod_uid)
             reason = pod_end_reason(pod, grant.pod_uid)
             if reason:
                 self.revoke(grant, reason, self._pod_message(spec.pod_name, reason))
@@ -358,24 +373,67 @@ class Service(Issuance):
         elif grant.expires_at:
             self.deadlines.schedule(uid, grant.expires_at)
 
-    def on_pod(self, event_type: str | None, pod: Mapping[str, Any]) -> None:
-        facts = pod_facts(pod)
-        assert facts is not None
-        gone = event_type == "DELETED"
-        finishing = gone or facts.deleting or facts.phase in ("Succeeded", "Failed")
-        if not finishing:
+    # Watch events (informer threads): filter cheaply, hand real work to the pools.
+
+    def _pod_event(self, kind: str, key: Key, old: PodFacts | None, new: PodFacts | None) -> None:
+        ns, name = key
+        if new is not None and not new.deleting and new.phase not in ("Succeeded", "Failed"):
+            return  # running or pending: ends nothing (the common case in a busy cluster)
+        if old is not None and old == new:
             return
+        self.registry.bump()  # a grant being issued for this pod right now re-checks
+        if self.registry.has_pod(ns, name):
+            self.pool.submit(self.on_pod, ns, name, new)
+
+    def _service_account_event(self, kind: str, key: Key, old: str | None, new: str | None) -> None:
+        if new is not None and (old is None or old == new):
+            return  # created, or changed but the same object
+        ns, name = key  # deleted, or deleted and created again while the watch was down
         self.registry.bump()
-        ns = pod["metadata"]["namespace"]
-        for grant in self.registry.for_pod(ns, facts.name):
-            if grant.pod_uid and grant.pod_uid != facts.uid:
-                continue  # an event about an older pod of the same name
-            reason = pod_end_reason(None if gone else facts, grant.pod_uid)
+        if self.registry.has_agent(ns, name):
+            self.pool.submit(self.on_service_account_deleted, ns, name)
+
+    def _policy_event(self, kind: str, key: Key, old: object, new: object) -> None:
+        if old != new:
+            self._reevaluate_later(key[0] or None)
+
+    def _namespace_event(self, kind: str, key: Key, old: object, new: object) -> None:
+        if old is not None and old != new:  # relabelled, being deleted, or gone
+            self._reevaluate_later(key[1])
+
+    def _reevaluate_later(self, namespace: str | None) -> None:
+        """Re-evaluate the grants into `namespace` (all grants: None) soon. Changes that
+        arrive while a re-evaluation runs are coalesced into the next one: a burst of
+        policy edits costs a few passes, not one per edit."""
+        self.registry.bump()  # a grant being issued right now re-checks too
+        with self._dirty_lock:
+            if namespace is None:
+                self._dirty_all = True
+            else:
+                self._dirty.add(namespace)
+            if self._dirty_queued:
+                return
+            self._dirty_queued = True
+        self.triggers.submit(self._reevaluate_dirty)
+
+    def _reevaluate_dirty(self) -> None:
+        with self._dirty_lock:
+            everything, names = self._dirty_all, self._dirty
+            self._dirty_all, self._dirty, self._dirty_queued = False, set(), False
+        affected = self.registry.for_target(None if everything else names)
+        if affected:
+            self._reevaluate(affected)
+
+    def on_pod(self, namespace: str, name: str, pod: PodFacts | None) -> None:
+        """A pod finished, is being deleted or is gone (None)."""
+        for grant in self.registry.for_pod(namespace, name):
+            if pod is not None and grant.pod_uid and grant.pod_uid != pod.uid:
+                continue  # an event about another pod of the same name
+            reason = pod_end_reason(pod, grant.pod_uid)
             if reason:
-                self.revoke(grant, reason, self._pod_message(facts.name, reason))
+                self.revoke(grant, reason, self._pod_message(name, reason))
 
     def on_service_account_deleted(self, namespace: str, name: str) -> None:
-        self.registry.bump()
         for grant in self.registry.for_agent(namespace, name):
             self.revoke(
                 grant, Reason.AGENT_NOT_FOUND, f"agent ServiceAccount {namespace}/{name} deleted"
@@ -383,16 +441,10 @@ class Service(Issuance):
 
     def on_policy_change(self, namespace: str | None) -> None:
         """An AccessPolicy (namespace set) or ClusterAccessPolicy changed or went away."""
-        self.registry.bump()
-        affected = self.registry.for_target([namespace] if namespace else None)
-        if affected:
-            self._reevaluate(affected)
+        self._reevaluate_later(namespace)
 
     def on_namespace_change(self, name: str) -> None:
-        self.registry.bump()  # a grant being issued into it right now re-checks too
-        affected = self.registry.for_target([name])
-        if affected:
-            self._reevaluate(affected)
+        self._reevaluate_later(name)
 
     def _reevaluate(self, grants: list[LiveGrant]) -> None:
         """Re-evaluate after an outside change; if the API fails, each grant is re-checked
@@ -407,8 +459,8 @@ class Service(Issuance):
 
     def _reevaluate_now(self, grants: list[LiveGrant]) -> None:
         targets = sorted({g.namespace for grant in grants for g in grant.grants})
-        policies = self.facts.policies(targets if len(targets) <= 3 else None)
-        namespaces = self.facts.namespaces(targets if len(targets) <= 3 else None)
+        few = targets if len(targets) <= 3 or self.facts.cache_ready() else None
+        policies, namespaces = self.facts.policies(few), self.facts.namespaces(few)
         triggered = self.clock()
         ending: list[tuple[LiveGrant, Denied]] = []
         # Cheapest first, and each grant that must end loses its bindings (403) as soon
@@ -508,7 +560,9 @@ class Service(Issuance):
 
     # -- start-up ------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, sync_timeout: float = 60) -> None:
         from .recovery import recover
 
+        if not self.cache.start(sync_timeout):  # facts are read from the API meanwhile
+            log.warning("watches not listed after %ss; reading facts directly", sync_timeout)
         recover(self)

@@ -6,9 +6,7 @@ one is started for the session (state in a temporary directory) and stopped afte
 
 from __future__ import annotations
 
-import os
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -18,20 +16,10 @@ sys.path.insert(0, str(ROOT / "hack"))
 import controlplane
 
 
-def _answers(kubeconfig: str) -> bool:
-    try:
-        admin(kubeconfig).request("GET", "/readyz")
-        return True
-    except Exception:
-        return False
-
-
 @pytest.fixture(scope="session")
 def kubeconfig():
-    existing = os.environ.get("KUBECONFIG")
-    if existing and Path(existing).exists() and _answers(existing):
-        yield existing
-        return
+    """Always a control plane of the session's own: tests stop and restart its API
+    server and read its controller-manager's state, so never someone else's."""
     with controlplane.temporary("aao-test-cp-") as path:
         yield path
 

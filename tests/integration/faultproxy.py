@@ -51,6 +51,11 @@ class FaultProxy:
         #: (method, path fragment) -> seconds to hold such requests before forwarding
         self.delays: dict[tuple[str, str], float] = {}
         self.injected: Counter[str] = Counter()
+        #: Path fragments whose watches are refused (503) while listed here.
+        self.refuse_watches: set[str] = set()
+        #: Bumped by cut_watches(): open watches matching _cut_fragment end.
+        self._cut_epoch = 0
+        self._cut_fragment = ""
         self.port = free_port()
         self.kubeconfig = str(workdir / "proxy.kubeconfig")
         Path(self.kubeconfig).write_text(
@@ -90,8 +95,17 @@ class FaultProxy:
         self._ready.set()
         self._loop.run_forever()
 
+    def cut_watches(self, fragment: str) -> None:
+        """End every open watch whose path holds `fragment` (as a dropped connection)."""
+        self._cut_fragment = fragment
+        self._cut_epoch += 1
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         watching = request.query.get("watch") in ("true", "1")
+        epoch = self._cut_epoch
+        if watching and any(f in request.path for f in self.refuse_watches):
+            self.injected["WATCH 503"] += 1
+            return web.json_response({"kind": "Status", "code": 503}, status=503)
         if not watching and request.path.startswith("/api") and self.random.random() < self.rate:
             code = self.random.choice([429, 429, 500, 503])
             self.injected[f"{request.method} {code}"] += 1
@@ -117,7 +131,18 @@ class FaultProxy:
                 headers={k: v for k, v in upstream.headers.items() if k.lower() not in HOP},
             )
             await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(upstream.content.readany(), 0.1)
+                except TimeoutError:
+                    chunk = None
+                if watching and epoch != self._cut_epoch and self._cut_fragment in request.path:
+                    request.transport.close()  # type: ignore[union-attr]
+                    return response
+                if chunk is None:
+                    continue
+                if not chunk:
+                    break
                 await response.write(chunk)
             await response.write_eof()
             return response

@@ -134,7 +134,7 @@ def test_non_admins_cannot_write_status_annotations_or_finalizer(world, operator
     assert world.wait_phase(agents, name, "Cancelled")["status"]["reason"] == "Cancelled"
 
 
-def test_planted_annotations_at_create_are_refused(world, operator):
+def test_planted_annotations_at_create_are_refused_or_overwritten(world, operator):
     agents, target = scene(world)
     allow(world, agents, "mallory", ["agenttasks"], ["create"])
     mallory = as_user(world.kubeconfig, "mallory")
@@ -148,9 +148,15 @@ def test_planted_annotations_at_create_are_refused(world, operator):
         "spec": {"agent": "bot", "intent": "x", "access": [{"namespace": target, "rules": READ}]},
     }
     assert status_code(lambda: mallory.create(AGENT_TASKS, agents, body)) == 403
+    # A planted requester is overwritten with the API server's record (and the
+    # finalizer, which admission adds anyway, is harmless): nothing planted survives.
     body["metadata"]["annotations"] = {"agentaccess.io/requester-username": "alice"}
     body["metadata"]["finalizers"] = ["agentaccess.io/revoke"]
-    assert status_code(lambda: mallory.create(AGENT_TASKS, agents, body)) == 403
+    made = mallory.create(AGENT_TASKS, agents, body)
+    assert made["metadata"]["annotations"]["agentaccess.io/requester-username"] == "mallory"
+    assert made["metadata"]["finalizers"] == ["agentaccess.io/revoke"]
+    got = world.wait_phase(agents, body["metadata"]["name"], {"Active", "Denied"})
+    assert got["status"]["requester"]["username"] == "mallory"
 
 
 # -- the operator acts on facts it owns, whatever got written ----------------------------
