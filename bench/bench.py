@@ -149,6 +149,7 @@ class Bench:
                     "100",
                     "--format",
                     "raw",
+                    "--gil",
                     "--output",
                     f"{PROFILE}.raw",
                     "--nonblocking",
@@ -380,11 +381,17 @@ class Bench:
         return total
 
     def count(self, res, ns: str, selector: str) -> int:
-        """How many objects match, from one small LIST (limit=1, remainingItemCount)."""
-        query = [("labelSelector", selector), ("limit", "1")]
-        result = self.kube.request("GET", res.path(ns), query=query, resource=res.plural)
-        items = len(result.get("items") or [])
-        return items + int((result.get("metadata") or {}).get("remainingItemCount") or 0)
+        return len(self.kube.list_all(res, ns, label_selector=selector)[0])
+
+    def cp_cpu_seconds(self) -> float:
+        """CPU used so far by kube-apiserver and etcd (what grants and revocations cost
+        the control plane on this machine)."""
+        total = 0.0
+        for name in ("kube-apiserver", "etcd"):
+            pid = controlplane.read_state()["pids"][name]
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return total
 
     def bench_scale(self, n: int = 1000, full: bool = True) -> dict:
         """n live grants: time to grant them all, memory, API requests per grant, a
@@ -394,6 +401,7 @@ class Bench:
         names = [f"scale-{i}" for i in range(n)]
         granted_before = self.metric("agentaccess_grants_issued_total")
         requests_before, cpu_before = self.apiserver_requests(), self.cpu_seconds()
+        cp_before = self.cp_cpu_seconds()
         started = time.monotonic()
         with ThreadPoolExecutor(16) as pool:
             list(
@@ -412,6 +420,8 @@ class Bench:
                 break
             time.sleep(0.2)
         all_active_s = time.monotonic() - started
+        grant_cp_cores = (self.cp_cpu_seconds() - cp_before) / all_active_s
+        grant_op_cores = (self.cpu_seconds() - cpu_before) / all_active_s
         self.quiesce()  # the operator's trailing work belongs to the grants
         requests_after, cpu_after = self.apiserver_requests(), self.cpu_seconds()
         # the bench client itself made n creates and 2 /metrics reads per quiesce step
@@ -423,6 +433,8 @@ class Bench:
             "all_active_s": round(all_active_s, 2),
             "grants_per_s": round(n / all_active_s, 1),
             "operator_cpu_s_for_grants": round(cpu_after - cpu_before, 2),
+            "operator_cores_while_granting": round(grant_op_cores, 2),
+            "control_plane_cores_while_granting": round(grant_cp_cores, 2),
             "rss_mb": round(rss, 1),
             "api_requests_per_grant": round(per_grant, 2),
         }
@@ -444,6 +456,24 @@ class Bench:
         rss_after_restart = self.rss_mb()
 
         throttled_before = self.metric("agentaccess_kubernetes_api_errors_total", {"code": "429"})
+        # Follow the RoleBindings with a watch (a LIST poll of 10,000 would load the
+        # API server it measures).
+        items, version = self.kube.list_all(ROLE_BINDINGS, ns, label_selector=MANAGED)
+        left = {o["metadata"]["name"] for o in items}
+        gone = threading.Event()
+
+        def follow() -> None:
+            for kind, obj in self.kube.watch(
+                ROLE_BINDINGS, version, 300, namespace=ns, label_selector=MANAGED
+            ):
+                if kind == "DELETED":
+                    left.discard(obj["metadata"]["name"])
+                    if not left:
+                        gone.set()
+                        return
+
+        threading.Thread(target=follow, daemon=True).start()
+        cp_before = self.cp_cpu_seconds()
         started = time.monotonic()
         self.kube.merge_patch(
             ACCESS_POLICIES,
@@ -451,9 +481,9 @@ class Bench:
             "read",
             {"spec": {"rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]}},
         )
-        while self.count(ROLE_BINDINGS, ns, MANAGED) and time.monotonic() - started < 300:
-            time.sleep(0.05)
+        gone.wait(300)
         revoke_all = time.monotonic() - started
+        revoke_cp_cores = (self.cp_cpu_seconds() - cp_before) / revoke_all
         throttled = (
             self.metric("agentaccess_kubernetes_api_errors_total", {"code": "429"})
             - throttled_before
@@ -467,6 +497,7 @@ class Bench:
             "live_bindings_after_restart": live_after,
             "rss_mb_after_restart": round(rss_after_restart, 1),
             "policy_revoke_s": round(revoke_all, 2),
+            "policy_revoke_control_plane_cores": round(revoke_cp_cores, 2),
             "policy_revoke_429s": throttled,
         }
 

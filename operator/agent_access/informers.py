@@ -122,19 +122,20 @@ class Informer(Generic[V]):
 
     def relist(self) -> None:
         """List afresh; report what changed since the last known state."""
-        objs, version = self.kube.list_all(self.resource)
         fresh: dict[Key, V] = {}
-        for obj in objs:
-            value = self._value(obj)
-            if value is not None:
-                fresh[key_of(obj)] = value
+        version = [""]
+        for page in self.kube.pages(self.resource, version=version):  # never all at once
+            for obj in page:
+                value = self._value(obj)
+                if value is not None:
+                    fresh[key_of(obj)] = value
         old, self.items = self.items, fresh
         if self.by_namespace is not None:
             index: dict[str, dict[str, V]] = {}
             for (ns, name), value in fresh.items():
                 index.setdefault(ns, {})[name] = value
             self.by_namespace = index
-        self.resource_version = version
+        self.resource_version = version[0]
         self.relists += 1
         if self.synced.is_set():  # a relist after a gap: report what it changed
             for key in old.keys() - fresh.keys():

@@ -7,7 +7,9 @@ deadlines, the adapter) and revocation; split out to keep each concern readable.
 from __future__ import annotations
 
 import base64
+import functools
 import logging
+import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -99,6 +101,7 @@ class Issuance:
     facts: Facts
     owned: Owned
     cpu: ThreadPoolExecutor
+    io: ThreadPoolExecutor
     ended: set[str]
     _first_seen: dict[str, datetime]
 
@@ -210,15 +213,24 @@ class Issuance:
     ) -> dict[ObjectRef, str]:
         """Create every object of the grant; raise KubeError on the first failure.
 
-        Returns the UID of each object created (revocation deletes exactly those).
+        Three independent chains run at once (a Role or RoleBinding may name a
+        ServiceAccount or Role that does not exist yet):
+          identity:  ServiceAccount -> TokenRequest -> Secret holding the token
+          access:    per target namespace, Role -> RoleBinding
+          reader:    the agent's token-reader Role -> RoleBinding
+        All or nothing: if any chain fails, every object any chain made is deleted
+        (after all of them stopped). Returns the UID of each object created
+        (revocation deletes exactly those).
         """
         ns, uid = plan.namespace, plan.uid
         created: dict[ObjectRef, str] = {}
+        guard = threading.Lock()
 
         def make(kind: str, body: dict[str, Any]) -> dict[str, Any]:
             obj = self.owned.create(kind, body, uid)
             meta = body["metadata"]
-            created[(kind, meta["namespace"], meta["name"])] = obj["metadata"]["uid"]
+            with guard:
+                created[(kind, meta["namespace"], meta["name"])] = obj["metadata"]["uid"]
             return obj
 
         owners = objects.owners_in_task_namespace(task, (pod.name, pod.uid) if pod else None)
@@ -229,20 +241,13 @@ class Issuance:
         }
         if pod:
             record[ANNOTATION_POD_UID] = pod.uid
-        try:
+
+        def identity() -> None:
             make(
                 SERVICE_ACCOUNT,
                 objects.service_account(task, plan.service_account, owners, record),
             )
             checkpoint("issue:serviceaccount")
-            for g in plan.grants:
-                make(ROLE, objects.role(task, g.namespace, g.role, g.rules))
-                checkpoint("issue:role")
-                make(
-                    ROLE_BINDING,
-                    objects.role_binding(task, g.namespace, g.binding, ns, plan.service_account),
-                )
-                checkpoint("issue:rolebinding")
             # The token is made first and stored with the Secret in one write. It is
             # not bound to the Secret: it dies with the ServiceAccount, which every
             # revocation (and the garbage collector, when a pod owns it) deletes.
@@ -265,11 +270,37 @@ class Issuance:
             )
             del encoded
             checkpoint("issue:secret")
+
+        def access(g: NamespaceGrant) -> None:
+            make(ROLE, objects.role(task, g.namespace, g.role, g.rules))
+            checkpoint("issue:role")
+            make(
+                ROLE_BINDING,
+                objects.role_binding(task, g.namespace, g.binding, ns, plan.service_account),
+            )
+            checkpoint("issue:rolebinding")
+
+        def reader() -> None:
             make(ROLE, objects.token_reader_role(task, plan.reader, plan.secret))
             make(ROLE_BINDING, objects.token_reader_binding(task, plan.reader, plan.spec.agent))
-        except KubeError:
+
+        chains: list[Callable[[], None]] = [identity, reader]
+        chains += [functools.partial(access, g) for g in plan.grants]
+        # The longest chain runs on this thread: one hand-off less per grant.
+        futures = [self.io.submit(chain) for chain in chains[1:]]
+        failure: BaseException | None = None
+        try:
+            chains[0]()
+        except BaseException as exc:
+            failure = exc
+        for future in futures:
+            try:
+                future.result()
+            except BaseException as exc:
+                failure = failure or exc
+        if failure is not None:
             self.delete_objects(replace(plan, object_uids=created))
-            raise
+            raise failure
         return created
 
     def _grant(

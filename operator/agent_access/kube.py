@@ -90,6 +90,7 @@ ACCESS_POLICIES = Resource(f"/apis/{GROUP}/{VERSION}", POLICIES)
 CLUSTER_ACCESS_POLICIES = Resource(f"/apis/{GROUP}/{VERSION}", CLUSTER_POLICIES, namespaced=False)
 
 Items = list[dict[str, Any]]
+_Box = list[str]  # a one-element out-parameter
 
 #: Called after every API call with (verb, resource plural, status code, seconds).
 RequestObserver = Callable[[str, str, int, float], None]
@@ -212,22 +213,50 @@ class Kube:
         )
 
     def list_all(
-        self, res: Resource, namespace: str | None = None, page: int = 500
+        self,
+        res: Resource,
+        namespace: str | None = None,
+        page: int = 500,
+        label_selector: str = "",
     ) -> tuple[Items, str]:
         """Every object of a kind, in pages; returns (items, the list's resourceVersion)."""
         items: Items = []
+        version = [""]
+        for chunk in self.pages(res, namespace, page, label_selector, version):
+            items.extend(chunk)
+        return items, version[0]
+
+    def pages(
+        self,
+        res: Resource,
+        namespace: str | None = None,
+        page: int = 500,
+        label_selector: str = "",
+        version: _Box | None = None,
+    ) -> Iterator[Items]:
+        """A kind's objects one page at a time, so a caller that keeps only a little of
+        each never holds them all. The list's resourceVersion goes into `version[0]`."""
         token = ""
         while True:
             query = [("limit", str(page))] + ([("continue", token)] if token else [])
+            if label_selector:
+                query.append(("labelSelector", label_selector))
             result = self.request("GET", res.path(namespace), query=query, resource=res.plural)
-            items.extend(result.get("items") or [])
+            yield result.get("items") or []
             meta = result.get("metadata") or {}
             token = meta.get("continue") or ""
             if not token:
-                return items, str(meta.get("resourceVersion") or "")
+                if version is not None:
+                    version[0] = str(meta.get("resourceVersion") or "")
+                return
 
     def watch(
-        self, res: Resource, resource_version: str, timeout: int = 300
+        self,
+        res: Resource,
+        resource_version: str,
+        timeout: int = 300,
+        namespace: str | None = None,
+        label_selector: str = "",
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         """Stream (type, object) watch events from `resource_version`, bookmarks included.
 
@@ -240,12 +269,12 @@ class Kube:
             ("resourceVersion", resource_version),
             ("allowWatchBookmarks", "true"),
             ("timeoutSeconds", str(timeout)),
-        ]
+        ] + ([("labelSelector", label_selector)] if label_selector else [])
         started = time.monotonic()
         try:
             method, url, hdrs, data, post = self.api.param_serialize(
                 method="GET",
-                resource_path=res.path(),
+                resource_path=res.path(namespace),
                 query_params=query,
                 header_params={"Accept": "application/json"},
                 auth_settings=["BearerToken"],

@@ -58,7 +58,12 @@ def owned_objects(service: Service) -> dict[str, Found]:
     selector = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
     out: dict[str, Found] = defaultdict(dict)
     for kind in (SERVICE_ACCOUNT, ROLE_BINDING, ROLE):
-        for obj in service.kube.list(RESOURCES[kind], None, label_selector=selector):
+        objs = (
+            _compact(obj, kind == SERVICE_ACCOUNT)
+            for page in service.kube.pages(RESOURCES[kind], None, label_selector=selector)
+            for obj in page
+        )
+        for obj in objs:
             meta = obj.get("metadata") or {}
             labels = meta.get("labels") or {}
             uid, task_name = labels.get(LABEL_TASK_UID), labels.get(LABEL_TASK_NAME)
@@ -72,6 +77,30 @@ def owned_objects(service: Service) -> dict[str, Found]:
                 continue
             out[uid][(kind, meta["namespace"], meta["name"])] = obj
     return out
+
+
+def _compact(obj: Mapping[str, Any], annotations: bool = False) -> dict[str, Any]:
+    """What recovery reads of an object: with 10,000 live grants, whole objects would
+    cost hundreds of MB at start-up."""
+    meta = obj.get("metadata") or {}
+    keep = ["name", "namespace", "uid", "labels"] + (["annotations"] if annotations else [])
+    return {"metadata": {k: meta[k] for k in keep if k in meta}}
+
+
+def _compact_task(task: Mapping[str, Any]) -> dict[str, Any] | None:
+    """An Active task as recovery and adoption read it; None for any other."""
+    status = task.get("status") or {}
+    if status.get("phase") != Phase.ACTIVE.value:
+        return None
+    return {
+        "apiVersion": task.get("apiVersion"),
+        "kind": task.get("kind"),
+        "metadata": task.get("metadata") or {},
+        "spec": task.get("spec") or {},
+        "status": {
+            k: status[k] for k in ("phase", "expiresAt", "grantedAt", "policies") if k in status
+        },
+    }
 
 
 def _adopt(service: Service, task: Mapping[str, Any], found: Found) -> LiveGrant:
@@ -103,7 +132,12 @@ def _adopt(service: Service, task: Mapping[str, Any], found: Found) -> LiveGrant
 
 
 def recover(service: Service) -> None:
-    tasks = service.kube.list(AGENT_TASKS)
+    tasks = [
+        compact
+        for page in service.kube.pages(AGENT_TASKS)
+        for task in page
+        if (compact := _compact_task(task)) is not None
+    ]
     found = owned_objects(service)
     now = service.clock()
     adopted: set[str] = set()

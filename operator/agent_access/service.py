@@ -88,11 +88,12 @@ class Service(Issuance):
         self.clock = clock
         self.registry = Registry()
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="grant-worker")
-        #: For concurrent reads inside one decision (never waits on `pool`).
-        self.io = ThreadPoolExecutor(max(8, workers), thread_name_prefix="io")
+        #: The concurrent writes of one issuance, and reads when the watches are down
+        #: (never waits on `pool` or `decisions`).
+        self.io = ThreadPoolExecutor(max(8, 2 * workers), thread_name_prefix="io")
         #: Decisions (possibly costly) run apart from revocations, so a burst of large
         #: requests never delays a cancel, a deletion or a pod's end.
-        self.decisions = ThreadPoolExecutor(max(4, workers // 2), thread_name_prefix="decide")
+        self.decisions = ThreadPoolExecutor(max(4, workers), thread_name_prefix="decide")
         self.cpu = ThreadPoolExecutor(1, thread_name_prefix="evaluate")
         #: Re-evaluations after policy and namespace changes, coalesced (see _dirty).
         self.triggers = ThreadPoolExecutor(1, thread_name_prefix="reevaluate")
@@ -115,6 +116,8 @@ class Service(Issuance):
         self.ended: set[str] = set()
         #: Grants adopted at start-up, re-checked against the cluster when resumed.
         self.unverified: set[str] = set()
+        #: Grants whose RoleBindings a mass re-evaluation already deleted.
+        self._bindings_dropped: set[str] = set()
         #: Grants whose re-check failed on an API error: retried by the timer.
         self._pending_recheck: set[str] = set()
         #: End-of-grant statuses that could not be written yet: retried by the timer.
@@ -264,7 +267,10 @@ class Service(Issuance):
         Only the task's own objects are deleted (see `owned`). Returns when the
         bindings were gone.
         """
-        self.owned.delete_grant_part(grant, grant.bindings())
+        if grant.uid in self._bindings_dropped:  # already, by a mass re-evaluation
+            self._bindings_dropped.discard(grant.uid)
+        else:
+            self.owned.delete_grant_part(grant, grant.bindings())
         bindings_gone = self.clock()
         checkpoint("revoke:rolebindings")
         reader, sa, secret = grant.identity()
@@ -473,7 +479,7 @@ class Service(Issuance):
                 log.exception("re-evaluating %s failed; revoking it", grant.ref)
                 verdict = Denied(Reason.POLICY_CHANGED, "policies changed; could not re-evaluate")
             if isinstance(verdict, Denied):
-                self.pool.submit(self.owned.delete_grant_part, grant, grant.bindings())
+                self.pool.submit(self._drop_bindings, grant)
                 ending.append((grant, verdict))
             else:
                 self._clamp(grant, verdict)
@@ -483,6 +489,16 @@ class Service(Issuance):
         ]
         for future in futures:
             future.result()
+
+    def _drop_bindings(self, grant: LiveGrant) -> None:
+        """The first step of a revocation, ahead of the rest (its revoke skips it)."""
+        try:
+            self.owned.delete_grant_part(grant, grant.bindings())
+        except KubeError as exc:  # the revocation itself tries again
+            log.warning("deleting the bindings of %s failed: %s", grant.ref, exc)
+            return
+        if self.registry.get(grant.uid) is not None:
+            self._bindings_dropped.add(grant.uid)
 
     def _clamp(self, grant: LiveGrant, ttl: timedelta) -> None:
         """A policy now allows a shorter grant (its maxTTL went down): end earlier."""

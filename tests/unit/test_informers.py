@@ -26,9 +26,11 @@ class ScriptedKube:
         self.watched_from: list[str] = []
         self.done = threading.Event()
 
-    def list_all(self, resource):
+    def pages(self, resource, version):
         self.lists += 1
-        return self.listings.pop(0)
+        items, version[0] = self.listings.pop(0)
+        yield items[:1]  # in two pages
+        yield items[1:]
 
     def watch(self, resource, version, timeout=300):
         self.watched_from.append(version)
