@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from . import __version__
@@ -191,6 +192,8 @@ def run(args: argparse.Namespace) -> int:
     # interval hands the interpreter to the revocation threads and the event loop
     # every millisecond instead of every 5 ms while it runs.
     sys.setswitchinterval(0.001)
+    if os.environ.get("AAO_TRACEMALLOC"):  # memory profiling: SIGUSR1 prints the top sites
+        _trace_memory(int(os.environ["AAO_TRACEMALLOC"]))
     handlers.CONFIG.audit_file = args.audit_file
     handlers.CONFIG.workers = args.workers
     handlers.CONFIG.watch_workers = args.watch_workers
@@ -228,6 +231,26 @@ def run(args: argparse.Namespace) -> int:
         if elector:
             elector.release()
     return 0
+
+
+def _trace_memory(frames: int) -> None:
+    import signal
+    import tracemalloc
+
+    tracemalloc.start(max(1, frames))
+
+    def dump(*_: object) -> None:
+        snapshot = tracemalloc.take_snapshot()
+        stats = snapshot.statistics("traceback" if frames > 1 else "lineno")
+        total = sum(s.size for s in stats)
+        print(f"tracemalloc: {total / 2**20:.1f} MiB traced", file=sys.stderr)
+        for stat in stats[:25]:
+            print(f"{stat.size / 2**20:8.2f} MiB {stat.count:8d}", file=sys.stderr)
+            for line in stat.traceback.format()[-2 * frames :]:
+                print(f"    {line}", file=sys.stderr)
+        sys.stderr.flush()
+
+    signal.signal(signal.SIGUSR1, dump)
 
 
 def _pod_namespace() -> str | None:

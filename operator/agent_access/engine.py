@@ -9,6 +9,7 @@ whole request.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -34,13 +35,13 @@ SA_PREFIX = "system:serviceaccount:"
 # Inputs
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AccessEntry:
     namespace: str
     rules: tuple[Rule, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Requester:
     """Who created the task, as the API server recorded it at admission."""
 
@@ -82,7 +83,7 @@ def requester_of(metadata: Mapping[str, Any]) -> Requester | None:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TaskSpec:
     namespace: str
     agent: str
@@ -173,13 +174,13 @@ def _parse_task_spec(
                 raise SpecError(f"{where}: resources is required")
             if not rule.verbs:
                 raise SpecError(f"{where}: verbs is required")
-        entries.append(AccessEntry(namespace=target, rules=rules))
+        entries.append(AccessEntry(namespace=sys.intern(target), rules=rules))
     pod_name = spec.get("podName") or None
     if pod_name is not None and not isinstance(pod_name, str):
         raise SpecError("spec.podName must be a string")
     return TaskSpec(
-        namespace=namespace,
-        agent=agent,
+        namespace=sys.intern(namespace),
+        agent=sys.intern(agent),
         intent=intent,
         ttl=ttl,
         pod_name=pod_name,
@@ -196,7 +197,7 @@ def parse_task(task: Mapping[str, Any]) -> TaskSpec:
     return parse_task_spec(meta.get("namespace", ""), task.get("spec") or {}, requester_of(meta))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Policy:
     """An AccessPolicy (namespace set) or a ClusterAccessPolicy (selector set)."""
 
@@ -309,7 +310,7 @@ def selector_matches(selector: Mapping[str, Any], labels: Mapping[str, str]) -> 
     return True
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PodFacts:
     name: str
     uid: str
@@ -318,7 +319,7 @@ class PodFacts:
     deleting: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class World:
     """What the cluster looks like, gathered by the caller before deciding."""
 
@@ -334,7 +335,7 @@ class World:
 # Outputs
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Granted:
     grants: tuple[AccessEntry, ...]
     policies: tuple[Policy, ...]
@@ -359,7 +360,7 @@ class Granted:
         return f"granted {where} until {until} by {', '.join(self.policy_keys)}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Denied:
     """A refusal. `message` is for the requester and reveals nothing they may not read
     (other namespaces' existence, policy names); `detail` goes only to the audit line."""

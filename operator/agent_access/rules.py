@@ -5,6 +5,7 @@ Purely computational, no side effects.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,10 +20,10 @@ def _string_list(raw: Any) -> tuple[str, ...]:
         return ()
     if not isinstance(raw, list | tuple) or not all(isinstance(v, str) for v in raw):
         raise ValueError("rule fields must be lists of strings")
-    return tuple(raw)
+    return tuple(sys.intern(v) for v in raw)  # "pods", "get": one copy for all grants
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Rule:
     """One RBAC PolicyRule restricted to what a Role may hold (no nonResourceURLs)."""
 
@@ -108,7 +109,7 @@ def uncovered_atoms(
     return [a for a in request.atoms() if not any(rule_covers(c, a) for c in ceilings)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Guardrails:
     """What no request may hold, whatever a policy says."""
 

@@ -25,7 +25,7 @@ from .rules import Rule
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NamespaceGrant:
     namespace: str
     role: str
@@ -46,7 +46,7 @@ ROLE_BINDING, ROLE, SERVICE_ACCOUNT, SECRET = "RoleBinding", "Role", "ServiceAcc
 ObjectRef = tuple[str, str, str]  # (kind, namespace, name)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class LiveGrant:
     """Everything needed to revoke a grant without reading the cluster.
 

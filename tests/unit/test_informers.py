@@ -4,6 +4,7 @@ and the registry's indexes. The API is a scripted stand-in (pure logic only)."""
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from agent_access.engine import parse_task
@@ -144,7 +145,7 @@ def test_the_registry_indexes_follow_every_change():
     reg.add(plan)
     assert reg.has_pod("agents", "p") and reg.has_agent("agents", "bot")
     assert [g.uid for g in reg.for_target(["tgt"])] == ["u1"]
-    moved = type(plan)(**{**plan.__dict__, "grants": (NamespaceGrant("other", "r", "b", ()),)})
+    moved = replace(plan, grants=(NamespaceGrant("other", "r", "b", ()),))
     reg.add(moved)  # replaced: the old target no longer finds it
     assert reg.for_target(["tgt"]) == [] and [g.uid for g in reg.for_target(["other"])] == ["u1"]
     assert reg.remove("u1") is moved
