@@ -86,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         "default: any namespace)",
     )
     run.add_argument(
-        "--workers", type=int, default=16, help="threads for handlers and revocations (default 16)"
+        "--workers",
+        type=int,
+        default=16,
+        help="concurrency bound (default 16): revocation, mass-revocation and decision "
+        "threads, at most 2x concurrent issuance writes: about 5x API requests in flight",
     )
     run.add_argument(
         "--forbid-verb", action="append", help="extra guardrail: never grant this verb"

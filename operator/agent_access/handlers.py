@@ -85,7 +85,7 @@ def start(settings: kopf.OperatorSettings, **_: Any) -> None:
     # concurrent writes, revocations, watches): a full pool would discard connections
     # and pay a TLS handshake for each new one.
     kube = Kube.from_environment(
-        pool_size=4 * CONFIG.workers + 16, observer=CONFIG.metrics.api_call
+        pool_size=5 * CONFIG.workers + 16, observer=CONFIG.metrics.api_call
     )
     _service = Service(
         kube,
@@ -140,6 +140,8 @@ async def reconcile_task(body: kopf.Body, **_: Any) -> None:
         _deciding.add(job)
         job.add_done_callback(_deciding.discard)
         return
+    if not svc.has_work(body):
+        return  # e.g. the status write of a grant ending: nothing to wait in line for
     async with lock:  # cancel, re-checks: on the revocation threads
         await asyncio.get_running_loop().run_in_executor(svc.pool, _reconcile, svc, body)
 

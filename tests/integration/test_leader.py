@@ -3,6 +3,7 @@ the other takes over within a bound (lease duration + one retry + start-up)."""
 
 from __future__ import annotations
 
+import http.client
 import time
 import urllib.request
 
@@ -17,7 +18,7 @@ def role(op) -> str:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{op.port}/readyz", timeout=1) as r:
             return r.read().decode().strip()
-    except OSError:
+    except (OSError, http.client.HTTPException):  # e.g. cut short by a replica exiting
         return "down"
 
 
