@@ -153,27 +153,15 @@ def make_pki(d: Path) -> dict[str, Path]:
             x509.DNSName("kubernetes.default.svc"),
         ],
     )
-    adm_key = _key()
-    adm = _cert(
-        x509.Name(
-            [
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"),
-                x509.NameAttribute(NameOID.COMMON_NAME, "admin"),
-            ]
-        ),
-        adm_key,
-        ca_name,
-        ca_key,
-        client=True,
-    )
-    kcm_key = _key()
-    kcm = _cert(
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "system:kube-controller-manager")]),
-        kcm_key,
-        ca_name,
-        ca_key,
-        client=True,
-    )
+
+    def client(common_name: str, *organizations: str):  # type: ignore[no-untyped-def]
+        key = _key()
+        names = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in organizations]
+        subject = x509.Name([*names, x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        return key, _cert(subject, key, ca_name, ca_key, client=True)
+
+    adm_key, adm = client("admin", "system:masters")
+    kcm_key, kcm = client("system:kube-controller-manager")
     files = {
         "ca.crt": ca.public_bytes(pem),
         "kube-controller-manager.crt": kcm.public_bytes(pem),

@@ -89,8 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         default=16,
-        help="concurrency bound (default 16): revocation, mass-revocation and decision "
-        "threads, at most 2x concurrent issuance writes: about 5x API requests in flight",
+        help="concurrency bound (default 16): revocation and decision threads, at most "
+        "2x concurrent issuance writes: about 4x API requests in flight",
     )
     run.add_argument(
         "--forbid-verb", action="append", help="extra guardrail: never grant this verb"

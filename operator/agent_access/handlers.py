@@ -85,7 +85,7 @@ def start(settings: kopf.OperatorSettings, **_: Any) -> None:
     # concurrent writes, revocations, watches): a full pool would discard connections
     # and pay a TLS handshake for each new one.
     kube = Kube.from_environment(
-        pool_size=5 * CONFIG.workers + 16, observer=CONFIG.metrics.api_call
+        pool_size=4 * CONFIG.workers + 16, observer=CONFIG.metrics.api_call
     )
     _service = Service(
         kube,

@@ -94,9 +94,6 @@ class Service(Issuance):
         #: Decisions (possibly costly) run apart from revocations, so a burst of large
         #: requests never delays a cancel, a deletion or a pod's end.
         self.decisions = ThreadPoolExecutor(max(4, workers), thread_name_prefix="decide")
-        #: Mass revocations (a policy change ending thousands of grants) run here, so a
-        #: cancel, a pod's end or an expiry keeps its own lane (`pool`) meanwhile.
-        self.bulk = ThreadPoolExecutor(workers, thread_name_prefix="revoke-bulk")
         self.cpu = ThreadPoolExecutor(1, thread_name_prefix="evaluate")
         #: Re-evaluations after policy and namespace changes, coalesced (see _dirty).
         self.triggers = ThreadPoolExecutor(1, thread_name_prefix="reevaluate")
@@ -136,7 +133,6 @@ class Service(Issuance):
         self.triggers.shutdown(wait=False, cancel_futures=True)
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.decisions.shutdown(wait=False, cancel_futures=True)
-        self.bulk.shutdown(wait=False, cancel_futures=True)
         self.cpu.shutdown(wait=False, cancel_futures=True)
         self.io.shutdown(wait=False, cancel_futures=True)
 
@@ -495,12 +491,12 @@ class Service(Issuance):
                 log.exception("re-evaluating %s failed; revoking it", grant.ref)
                 verdict = Denied(Reason.POLICY_CHANGED, "policies changed; could not re-evaluate")
             if isinstance(verdict, Denied):
-                self.bulk.submit(self._drop_bindings, grant)
+                self.pool.submit(self._drop_bindings, grant)
                 ending.append((grant, verdict))
             else:
                 self._clamp(grant, verdict)
         futures = [
-            self.bulk.submit(self.revoke, g, d.reason, d.message, None, True, triggered, d.detail)
+            self.pool.submit(self.revoke, g, d.reason, d.message, None, True, triggered, d.detail)
             for g, d in ending
         ]
         for future in futures:
