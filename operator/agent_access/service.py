@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -94,6 +94,10 @@ class Service(Issuance):
         #: Decisions (possibly costly) run apart from revocations, so a burst of large
         #: requests never delays a cancel, a deletion or a pod's end.
         self.decisions = ThreadPoolExecutor(max(4, workers), thread_name_prefix="decide")
+        #: The rest of a mass revocation once its bindings are gone (403 everywhere):
+        #: identities, Roles, statuses, Events, at low concurrency, so new tasks, cancels
+        #: and other triggers keep most of the interpreter meanwhile.
+        self.cleanup = ThreadPoolExecutor(max(2, workers // 4), thread_name_prefix="cleanup")
         self.cpu = ThreadPoolExecutor(1, thread_name_prefix="evaluate")
         #: Re-evaluations after policy and namespace changes, coalesced (see _dirty).
         self.triggers = ThreadPoolExecutor(1, thread_name_prefix="reevaluate")
@@ -116,6 +120,8 @@ class Service(Issuance):
         self.ended: set[str] = set()
         #: Grants adopted at start-up, re-checked against the cluster when resumed.
         self.unverified: set[str] = set()
+        #: Grants a re-evaluation is revoking (not re-evaluated again meanwhile).
+        self._ending: set[str] = set()
         #: Grants whose RoleBindings a mass re-evaluation already deleted.
         self._bindings_dropped: set[str] = set()
         #: Grants whose re-check failed on an API error: retried by the timer.
@@ -133,6 +139,7 @@ class Service(Issuance):
         self.triggers.shutdown(wait=False, cancel_futures=True)
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.decisions.shutdown(wait=False, cancel_futures=True)
+        self.cleanup.shutdown(wait=False, cancel_futures=True)
         self.cpu.shutdown(wait=False, cancel_futures=True)
         self.io.shutdown(wait=False, cancel_futures=True)
 
@@ -480,27 +487,40 @@ class Service(Issuance):
         few = targets if len(targets) <= 3 or self.facts.cache_ready() else None
         policies, namespaces = self.facts.policies(few), self.facts.namespaces(few)
         triggered = self.clock()
-        ending: list[tuple[LiveGrant, Denied]] = []
+        ending: list[tuple[LiveGrant, Denied, Future[None]]] = []
         # Cheapest first, and each grant that must end loses its bindings (403) as soon
         # as that is known, before any other revocation work is queued: a few costly
         # requests cannot hold up everyone's revocation.
         for grant in sorted(grants, key=lambda g: g.spec.atom_count):
+            if grant.uid in self._ending:
+                continue  # already on its way out (an earlier pass)
             try:
                 verdict = reassess(grant.spec, policies, namespaces, grant.policies)
             except Exception:  # one grant's trouble never spares the others
                 log.exception("re-evaluating %s failed; revoking it", grant.ref)
                 verdict = Denied(Reason.POLICY_CHANGED, "policies changed; could not re-evaluate")
             if isinstance(verdict, Denied):
-                self.pool.submit(self._drop_bindings, grant)
-                ending.append((grant, verdict))
+                ending.append((grant, verdict, self.pool.submit(self._drop_bindings, grant)))
             else:
                 self._clamp(grant, verdict)
-        futures = [
-            self.pool.submit(self.revoke, g, d.reason, d.message, None, True, triggered, d.detail)
-            for g, d in ending
-        ]
-        for future in futures:
-            future.result()
+        # Not waited for: the next change is re-evaluated while these finish.
+        # The rest starts once every binding of this pass is gone: nothing competes with
+        # the 403s, and the cleanup then runs at low concurrency.
+        drops = [dropped for _, _, dropped in ending]
+        for g, d, _ in ending:
+            self._ending.add(g.uid)
+            self.cleanup.submit(self._finish_revocation, g, d, triggered, drops)
+
+    def _finish_revocation(
+        self, grant: LiveGrant, denied: Denied, triggered: datetime, drops: list[Future[None]]
+    ) -> None:
+        try:
+            wait(drops)  # _drop_bindings never raises: failures are logged, redone below
+            self.revoke(grant, denied.reason, denied.message, None, True, triggered, denied.detail)
+        except Exception:  # revoke retries API errors itself; anything else is a bug
+            log.exception("revoking %s failed", grant.ref)
+        finally:
+            self._ending.discard(grant.uid)
 
     def _drop_bindings(self, grant: LiveGrant) -> None:
         """The first step of a revocation, ahead of the rest (its revoke skips it)."""
