@@ -149,9 +149,6 @@ class Cache:
     def ready(self) -> bool:
         return all(i.synced.is_set() and i.healthy for i in self.all)
 
-    def sizes(self) -> dict[str, int]:
-        return {i.name: len(i) for i in self.all}
-
 
 class Facts:
     def __init__(self, kube: Kube, io: ThreadPoolExecutor, cache: Cache | None = None):

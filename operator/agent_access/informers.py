@@ -92,9 +92,6 @@ class Informer(Generic[V]):
         else:
             self.by_namespace.setdefault(ns, {})[name] = value
 
-    def __len__(self) -> int:
-        return len(self.items)
-
     # -- running --------------------------------------------------------------------
 
     def start(self) -> None:

@@ -464,13 +464,6 @@ class Service(Issuance):
                 grant, Reason.AGENT_NOT_FOUND, f"agent ServiceAccount {namespace}/{name} deleted"
             )
 
-    def on_policy_change(self, namespace: str | None) -> None:
-        """An AccessPolicy (namespace set) or ClusterAccessPolicy changed or went away."""
-        self._reevaluate_later(namespace)
-
-    def on_namespace_change(self, name: str) -> None:
-        self._reevaluate_later(name)
-
     def _reevaluate(self, grants: list[LiveGrant]) -> None:
         """Re-evaluate after an outside change; if the API fails, each grant is re-checked
         on its own shortly (a watch event is not delivered twice)."""
