@@ -41,8 +41,6 @@ from tests.integration.cluster import (  # noqa: E402
     World,
     admin,
     apply_crds,
-    as_token,
-    list_pods_status,
 )
 
 from agent_access.kube import (  # noqa: E402
@@ -55,6 +53,7 @@ from agent_access.kube import (  # noqa: E402
     SECRETS,
     SERVICE_ACCOUNTS,
     Kube,
+    KubeError,
 )
 from agent_access.runtime import parse_time  # noqa: E402
 
@@ -62,7 +61,7 @@ READ = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
 MANAGED = "app.kubernetes.io/managed-by=agent-access-operator"
 LABEL = re.compile(r'(\w+)="([^"]*)"')
 #: Seconds between requests while waiting for the token to work or be refused.
-POLL = float(os.environ.get("BENCH_POLL", "0.01"))
+POLL = float(os.environ.get("BENCH_POLL", "0.002"))
 #: Seconds between a grant being usable and its trigger.
 SETTLE = float(os.environ.get("BENCH_SETTLE", "0.3"))
 TRIGGERS = ("ttl", "pod_succeeded", "pod_deleted", "cancel", "task_deleted", "policy_changed")
@@ -77,7 +76,19 @@ TARGETS = [
     ("policy_revoke_10000_s", "<=", 5),
     ("restart_ready_10000_s", "<=", 30),
     ("churn_cpu_cores", "<=", 0.2),
+    # Against a synchronous broker's floor (issue: faster than the fastest peer).
+    ("grant_sync_ratio_p50", "<=", 1.0),
+    ("grant_sync_ratio_p99", "<=", 1.5),
+    ("revoke_403_p50_over_floor_delete_s", "<=", 0.005),
+    ("ttl_expiry_403_p99_per_floor_delete", "<=", 2.0),
 ]
+#: Triggers whose 403 p50 is held to the floor RoleBinding DELETE + 5 ms.
+DELETE_LIKE = ("pod_succeeded", "pod_deleted", "cancel", "task_deleted", "policy_changed")
+#: Seconds between interleaved single-grant samples. A consistent LIST (the first
+#: allowed request) right after writes waits for the API server's watch cache to
+#: catch up, and the cache asks etcd for progress at most every 100 ms: samples
+#: closer than that measure the API server's progress timer, not the broker.
+SPACING = float(os.environ.get("BENCH_SPACING", "0.25"))
 SCALE = int(os.environ.get("BENCH_SCALE", "10000"))
 #: Path prefix: record the operator with py-spy (<prefix>.raw, <prefix>.txt).
 PROFILE = os.environ.get("BENCH_PROFILE", "")
@@ -115,6 +126,22 @@ def pct(values: list[float], q: float) -> float | None:
     k = (len(values) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(values) - 1)
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def probe(client: Kube, namespace: str) -> int:
+    """The request used to tell whether a token is allowed: list pods, served from the
+    API server's watch cache (resourceVersion=0). Authorization is exactly that of any
+    list; only a consistent list (no resourceVersion) would also wait, right after
+    writes, until the watch cache has caught up with etcd, and the cache asks etcd for
+    progress at most every 100 ms: up to 100 ms of the API server's own, paid by any
+    client of any broker, and while it waits a poller cannot see a revocation."""
+    try:
+        client.request(
+            "GET", PODS.path(namespace), query=[("resourceVersion", "0")], resource="pods"
+        )
+        return 200
+    except KubeError as exc:
+        return exc.status
 
 
 def wait_status(fn, wanted: set[int], timeout: float, interval: float) -> float:
@@ -178,6 +205,24 @@ class Bench:
         self.seq += 1
         return f"{prefix}-{self.seq}"
 
+    def client(self, token: str) -> Kube:
+        """A client with only this bearer token, built from the parsed kubeconfig (what
+        a user's program that already has its configuration does; not re-reading the
+        file for every token, which costs 2-3 ms)."""
+        import kubernetes
+
+        if not hasattr(self, "_base"):
+            self._base = kubernetes.client.Configuration()
+            kubernetes.config.load_kube_config(
+                config_file=self.kubeconfig, client_configuration=self._base
+            )
+        config = kubernetes.client.Configuration()
+        config.host = self._base.host
+        config.ssl_ca_cert = self._base.ssl_ca_cert
+        config.api_key = {"BearerToken": token}
+        config.api_key_prefix = {"BearerToken": "Bearer"}
+        return Kube(kubernetes.client.ApiClient(config), retries=0)
+
     def token_of(self, task: dict) -> str:
         secret = self.kube.get(
             SECRETS, task["metadata"]["namespace"], task["status"]["tokenSecretName"]
@@ -206,19 +251,80 @@ class Bench:
             self.agents, name, agent, [{"namespace": self.target, "rules": READ}], **spec
         )
         task = self.wait_active(self.agents, name, timeout)
-        client = as_token(self.kubeconfig, self.token_of(task))
-        wait_status(lambda: list_pods_status(client, self.target), {200}, 10, POLL)
+        client = self.client(self.token_of(task))
+        wait_status(lambda: probe(client, self.target), {200}, 10, POLL)
         return time.monotonic() - start, task, client
 
-    def bench_grants(self) -> list[float]:
-        out = []
+    def bench_grants(self) -> tuple[list[float], list[tuple[float, float]], list[tuple]]:
+        """Single grants, interleaved with the two floors, SPACING apart: the operator,
+        a synchronous broker's four writes, the same calls as the operator's."""
+        ours, sync, same = [], [], []
         for _ in range(self.n_grants):
             seconds, task, _ = self.grant_once()
-            out.append(seconds)
+            ours.append(seconds)
             self.kube.delete(AGENT_TASKS, self.agents, task["metadata"]["name"])
+            time.sleep(SPACING)
+            sync.append(self.floor_sync_once())
+            time.sleep(SPACING)
+            same.append(self.floor_once())
+            time.sleep(SPACING)
+        return ours, sync, same
+
+    def consistent_read_wait(self, n: int = 20) -> list[float]:
+        """A consistent list of pods right after a write, back to back: what the API
+        server adds to the first request of any client (see probe())."""
+        out = []
+        for _ in range(n):
+            name = self.name("crw")
+            self.kube.create(SERVICE_ACCOUNTS, self.agents, {"metadata": {"name": name}})
+            start = time.monotonic()
+            self.kube.list(PODS, self.target)
+            out.append(time.monotonic() - start)
+            self.kube.delete(SERVICE_ACCOUNTS, self.agents, name)
         return out
 
-    # -- the floor: the same calls made directly ---------------------------------------
+    def bench_back_to_back(self, n: int = 20) -> list[float]:
+        """n grants one after the other, each as soon as the previous one is usable."""
+        out, names = [], []
+        for _ in range(n):
+            seconds, task, _ = self.grant_once()
+            out.append(seconds)
+            names.append(task["metadata"]["name"])
+        for name in names:
+            self.kube.delete(AGENT_TASKS, self.agents, name)
+        return out
+
+    # -- the floors -------------------------------------------------------------------------
+
+    def floor_sync_once(self) -> tuple[float, float]:
+        """What a synchronous broker does (Vault's Kubernetes secrets engine): Role,
+        RoleBinding, ServiceAccount, TokenRequest, one after the other from a raw
+        client, then the first allowed request. Also one RoleBinding DELETE round trip
+        (the least any revocation costs). Returns (grant, delete) seconds."""
+        ns, name = self.agents, self.name("sync")
+        start = time.monotonic()
+        self.kube.create(ROLES, self.target, {"metadata": {"name": name}, "rules": READ})
+        self.kube.create(
+            ROLE_BINDINGS,
+            self.target,
+            {
+                "metadata": {"name": name},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
+            },
+        )
+        self.kube.create(SERVICE_ACCOUNTS, ns, {"metadata": {"name": name}})
+        token, _ = self.kube.request_token(ns, name, 600, (), None)
+        client = self.client(token)
+        wait_status(lambda: probe(client, self.target), {200}, 10, POLL)
+        grant = time.monotonic() - start
+        time.sleep(SETTLE)
+        start = time.monotonic()
+        self.kube.delete(ROLE_BINDINGS, self.target, name)
+        delete = time.monotonic() - start
+        self.kube.delete(SERVICE_ACCOUNTS, ns, name)
+        self.kube.delete(ROLES, self.target, name)
+        return grant, delete
 
     def floor_once(self) -> tuple[float, float]:
         ns, name = self.agents, self.name("floor")
@@ -245,12 +351,13 @@ class Bench:
         self.kube.merge_patch(
             SECRETS, ns, name, {"data": {"token": base64.b64encode(token.encode()).decode()}}
         )
-        client = as_token(self.kubeconfig, token)
-        wait_status(lambda: list_pods_status(client, self.target), {200}, 10, POLL)
+        client = self.client(token)
+        wait_status(lambda: probe(client, self.target), {200}, 10, POLL)
         grant = time.monotonic() - start
+        time.sleep(SETTLE)
         start = time.monotonic()
         self.kube.delete(ROLE_BINDINGS, self.target, name)
-        wait_status(lambda: list_pods_status(client, self.target), {401, 403}, 10, POLL)
+        wait_status(lambda: probe(client, self.target), {401, 403}, 10, POLL)
         revoke = time.monotonic() - start
         self.kube.delete(SERVICE_ACCOUNTS, ns, name)
         self.kube.delete(SECRETS, ns, name)
@@ -303,11 +410,11 @@ class Bench:
                         }
                     },
                 )
-        t403 = wait_status(lambda: list_pods_status(client, self.target), {401, 403}, 10, POLL)
+        t403 = wait_status(lambda: probe(client, self.target), {401, 403}, 10, POLL)
 
         def poll_401(result: dict = {}) -> None:  # noqa: B006
             result["t401"] = (
-                wait_status(lambda: list_pods_status(client, self.target), {401}, 30, 0.05) - start
+                wait_status(lambda: probe(client, self.target), {401}, 30, 0.05) - start
             )
 
         box: dict = {}
@@ -328,6 +435,78 @@ class Bench:
             if "t401" in box:
                 r401[trigger].append(box["t401"])
         return r403, r401
+
+    def bench_ttl_staggered(self, n: int = 20) -> list[float]:
+        """n live grants expiring 1 s apart: each expiry -> first 403, from expiresAt."""
+        names = [self.name("ttl") for _ in range(n)]
+        for i, name in enumerate(names):
+            self.world.task(
+                self.agents,
+                name,
+                "bot",
+                [{"namespace": self.target, "rules": READ}],
+                ttl=f"{3 + i}s",
+            )
+        tasks = [self.wait_active(self.agents, name) for name in names]
+        clients = [self.client(self.token_of(t)) for t in tasks]
+        out: list[float] = []
+
+        def watch(task: dict, client: Kube) -> None:
+            expires = parse_time(task["status"]["expiresAt"]).timestamp()
+            time.sleep(max(0.0, expires - time.time() - 0.02))
+            start = time.monotonic() - (time.time() - expires)
+            t403 = wait_status(lambda: probe(client, self.target), {401, 403}, 10, POLL)
+            out.append(t403 - start)
+
+        threads = [
+            threading.Thread(target=watch, args=(t, c), daemon=True)
+            for t, c in zip(tasks, clients, strict=True)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        for name in names:
+            self.kube.delete(AGENT_TASKS, self.agents, name)
+        return out
+
+    def bench_burst_revoke(self, n: int = 20) -> list[float]:
+        """n live grants under one policy; one change to it -> each grant's first 403."""
+        agent = self.name("burst")
+        self.world.service_account(self.agents, agent)
+        self.world.policy(self.target, agent, [(self.agents, agent)], READ)
+        names = [self.name("burst") for _ in range(n)]
+        for name in names:
+            self.world.task(self.agents, name, agent, [{"namespace": self.target, "rules": READ}])
+        tasks = [self.wait_active(self.agents, name) for name in names]
+        clients = [self.client(self.token_of(t)) for t in tasks]
+        for client in clients:
+            wait_status(lambda c=client: probe(c, self.target), {200}, 10, POLL)
+        time.sleep(SETTLE)
+        out: list[float] = []
+        go = threading.Event()
+
+        def watch(client: Kube) -> None:
+            go.wait()
+            t403 = wait_status(lambda: probe(client, self.target), {401, 403}, 10, POLL)
+            out.append(t403 - start)
+
+        threads = [threading.Thread(target=watch, args=(c,), daemon=True) for c in clients]
+        for thread in threads:
+            thread.start()
+        start = time.monotonic()
+        self.kube.merge_patch(
+            ACCESS_POLICIES,
+            self.target,
+            agent,
+            {"spec": {"rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]}},
+        )
+        go.set()
+        for thread in threads:
+            thread.join(30)
+        for name in names:
+            self.kube.delete(AGENT_TASKS, self.agents, name)
+        return out
 
     # -- scale ------------------------------------------------------------------------------
 
@@ -673,6 +852,39 @@ def write_markdown(result: dict, path: Path) -> None:
         f"Revoke: operator cancel / floor RoleBinding delete (p50): "
         f"**{s['revoke_floor_ratio']:.2f}**.",
         "",
+        "## Against a synchronous broker's floor",
+        "",
+        "`floor_sync_grant_s`: Role, RoleBinding, ServiceAccount, TokenRequest written one "
+        "after the other by a raw client, then the first allowed request (what Vault's "
+        "Kubernetes secrets engine does); `floor_delete_s`: one RoleBinding DELETE round "
+        f"trip. Single grants are interleaved with both floors, {SPACING} s apart.",
+        "",
+        "| measure | p50 | p99 | goal |",
+        "|---|---|---|---|",
+        f"| floor_sync_grant | {ms(result['floor_sync_grant']['p50'])} | "
+        f"{ms(result['floor_sync_grant']['p99'])} | |",
+        f"| operator grant / floor_sync_grant (p50; p99 / floor p50) | "
+        f"{s['grant_sync_ratio_p50']:.2f} | {s['grant_sync_ratio_p99']:.2f} | <= 1.0; <= 1.5 |",
+        f"| floor_delete | {ms(result['floor_delete']['p50'])} | "
+        f"{ms(result['floor_delete']['p99'])} | |",
+        *(
+            f"| {t} -> 403 | {ms(result['revoke_403'][t]['p50'])} | "
+            f"{ms(result['revoke_403'][t]['p99'])} | p50 <= floor_delete + 5 ms |"
+            for t in DELETE_LIKE
+        ),
+        f"| TTL expiry -> 403 (20 expiring 1 s apart, and the single ones) | "
+        f"{ms(result['ttl_expiry_staggered_403']['p50'])} | {ms(s['ttl_expiry_403_p99_s'])} | "
+        "p99 <= 2 x floor_delete |",
+        f"| 20 grants back to back, each | {ms(result['grants_back_to_back']['p50'])} | "
+        f"{ms(result['grants_back_to_back']['p99'])} | as fast as a single one |",
+        "| API server: a consistent list right after a write, back to back "
+        "(not in the figures above) | "
+        f"{ms(result['apiserver_consistent_list_after_write']['p50'])} | "
+        f"{ms(result['apiserver_consistent_list_after_write']['p99'])} | |",
+        f"| one policy change revokes 20 grants, each -> 403 | "
+        f"{ms(result['burst_revoke_20_403']['p50'])} | "
+        f"{ms(result['burst_revoke_20_403']['p99'])} | |",
+        "",
         "## Revocation: trigger -> first refused request (403) and -> token no longer "
         "authenticates (401)",
         "",
@@ -790,12 +1002,17 @@ def main() -> int:
             bench.close()
         return 0
     try:
-        print(f"bench: grants x{bench.n_grants}", flush=True)
-        grants = bench.bench_grants()
-        print("bench: floor", flush=True)
-        floors = [bench.floor_once() for _ in range(bench.n_grants)]
+        print(f"bench: grants x{bench.n_grants}, interleaved with the floors", flush=True)
+        grants, syncs, floors = bench.bench_grants()
+        print("bench: 20 grants back to back", flush=True)
+        back_to_back = bench.bench_back_to_back(20)
+        consistent_wait = bench.consistent_read_wait(20)
         print(f"bench: revocations x{bench.k} per trigger", flush=True)
         r403, r401 = bench.bench_revocations()
+        print("bench: 20 grants expiring 1 s apart", flush=True)
+        ttl_staggered = bench.bench_ttl_staggered(20)
+        print("bench: one policy change revokes 20 grants", flush=True)
+        burst = [x for _ in range(1 if args.quick else 3) for x in bench.bench_burst_revoke(20)]
         churn = big = None
         if args.quick:
             print("bench: 200 grants at once", flush=True)
@@ -812,6 +1029,8 @@ def main() -> int:
         bench.close()
     floor_grant = [f[0] for f in floors]
     floor_revoke = [f[1] for f in floors]
+    floor_sync = [f[0] for f in syncs]
+    floor_delete = [f[1] for f in syncs]
     result = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": {
@@ -825,6 +1044,12 @@ def main() -> int:
         "grant": summarize(grants),
         "floor_grant": summarize(floor_grant),
         "floor_revoke": summarize(floor_revoke),
+        "floor_sync_grant": summarize(floor_sync),
+        "floor_delete": summarize(floor_delete),
+        "grants_back_to_back": summarize(back_to_back),
+        "apiserver_consistent_list_after_write": summarize(consistent_wait),
+        "ttl_expiry_staggered_403": summarize(ttl_staggered),
+        "burst_revoke_20_403": summarize(burst),
         "revoke_403": {t: summarize(v) for t, v in r403.items()},
         "revoke_401": {t: summarize(v) for t, v in r401.items()},
         "scale": scale,
@@ -840,6 +1065,21 @@ def main() -> int:
         "grant_floor_ratio": result["grant"]["p50"] / result["floor_grant"]["p50"],
         "revoke_floor_ratio": statistics.median(r403["cancel"]) / statistics.median(floor_revoke),
         "revoke_403_p99_s": {t: result["revoke_403"][t]["p99"] for t in TRIGGERS},
+        "floor_sync_grant_s": result["floor_sync_grant"]["p50"],
+        "floor_delete_s": result["floor_delete"]["p50"],
+        "grant_sync_ratio_p50": result["grant"]["p50"] / result["floor_sync_grant"]["p50"],
+        "grant_sync_ratio_p99": result["grant"]["p99"] / result["floor_sync_grant"]["p50"],
+        "revoke_403_p50_s": {t: result["revoke_403"][t]["p50"] for t in TRIGGERS},
+        "revoke_403_p50_over_floor_delete_s": max(
+            result["revoke_403"][t]["p50"] for t in DELETE_LIKE
+        )
+        - result["floor_delete"]["p50"],
+        "ttl_expiry_403_p99_s": pct(ttl_staggered + r403["ttl"], 0.99),
+        "ttl_expiry_403_p99_per_floor_delete": pct(ttl_staggered + r403["ttl"], 0.99)
+        / result["floor_delete"]["p50"],
+        "grants_back_to_back_each_s": result["grants_back_to_back"]["p50"],
+        "grants_back_to_back_each_p99_s": result["grants_back_to_back"]["p99"],
+        "burst_revoke_20_p99_s": result["burst_revoke_20_403"]["p99"],
         "revoke_401_p99_s": {t: result["revoke_401"][t]["p99"] for t in TRIGGERS},
         "api_requests_per_grant": scale["api_requests_per_grant"],
         "grants_per_s": scale["grants_per_s"],
