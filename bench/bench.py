@@ -386,8 +386,8 @@ class Bench:
             time.sleep(max(0.0, expires - time.time() - 0.02))
             start = time.monotonic() - (time.time() - expires)  # measured from expiresAt
         else:
-            # Let the grant settle: a trigger arriving while the task's own grant handler
-            # is still finishing (~0.1 s) waits for it (kopf runs one handler per object
+            # Let the grant settle: a trigger arriving while the task's own issuance is
+            # still finishing (its Event) waits for it (one task's events are handled one
             # at a time). Real triggers come seconds or minutes after a grant.
             time.sleep(SETTLE)
             start = time.monotonic()
@@ -891,9 +891,9 @@ def write_markdown(result: dict, path: Path) -> None:
         "TTL expiry is measured from `expiresAt`. 401 includes the API server's ~10 s "
         "authentication cache, which no flag changes. Requests are polled every "
         f"{POLL * 1000:.0f} ms. Triggers other than TTL fire {SETTLE} s after the grant is "
-        "usable: a trigger that arrives while the task's own grant handler is still "
-        "finishing (about 0.1 s after the token works) waits for it, because kopf runs one "
-        "handler per object at a time.",
+        "usable: a trigger that arrives while the task's own issuance is still finishing "
+        "(its Event, a few ms after the token works) waits for it, because one task's "
+        "events are handled one at a time.",
         "",
         "| trigger | 403 p50 | 403 p99 | 401 p50 | 401 p99 | n |",
         "|---|---|---|---|---|---|",
@@ -914,7 +914,7 @@ def write_markdown(result: dict, path: Path) -> None:
             f"| time to grant all (created by 16 client threads in {sc['created_s']} s) | "
             f"{sc['all_active_s']} s ({sc['grants_per_s']}/s) |",
             f"| operator RSS with all live | {sc['rss_mb']} MB |",
-            f"| API requests per grant (everything the operator sent, kopf included) | "
+            f"| API requests per grant (everything the operator sent) | "
             f"{sc['api_requests_per_grant']} |",
             f"| operator CPU to grant all | {sc['operator_cpu_s_for_grants']} s |",
         ]

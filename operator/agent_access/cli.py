@@ -9,6 +9,8 @@ import sys
 
 from . import __version__
 
+log = logging.getLogger("agent_access")
+
 
 def _split(values: list[str] | None) -> list[str]:
     return [v.strip() for item in values or () for v in item.split(",") if v.strip()]
@@ -46,12 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         dest="namespaces",
         help="watch only these namespaces (repeatable or comma-separated); default: all namespaces",
-    )
-    run.add_argument(
-        "--watch-workers",
-        type=int,
-        default=64,
-        help="objects of one kind worked on at once (default 64): bounds memory in bursts",
     )
     run.add_argument(
         "--leader-elect",
@@ -186,24 +182,31 @@ def audit_command(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import kopf
+    import signal
+    import threading
 
-    from . import handlers
-    from .metrics import serve
+    from .audit import AuditLog
+    from .kube import Kube
+    from .metrics import Health, Metrics, serve
     from .rules import DEFAULT_GUARDRAILS
+    from .service import Service
+    from .tasks import TaskWatch
 
     # Evaluating a costly request is pure Python CPU on one thread; a short switch
-    # interval hands the interpreter to the revocation threads and the event loop
-    # every millisecond instead of every 5 ms while it runs.
+    # interval hands the interpreter to the revocation threads and the watches every
+    # millisecond instead of every 5 ms while it runs.
     sys.setswitchinterval(0.001)
     if os.environ.get("AAO_TRACEMALLOC"):  # memory profiling: SIGUSR1 prints the top sites
         _trace_memory(int(os.environ["AAO_TRACEMALLOC"]))
-    handlers.CONFIG.audit_file = args.audit_file
-    handlers.CONFIG.workers = args.workers
-    handlers.CONFIG.watch_workers = args.watch_workers
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="[%(asctime)s] %(name)-24.24s [%(levelname)-7.7s] %(message)s",
+    )
+    logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
     namespaces = _split(args.namespaces)
     own = _operator_namespace(args)
-    handlers.CONFIG.guardrails = DEFAULT_GUARDRAILS.extended(
+    guardrails = DEFAULT_GUARDRAILS.extended(
         verbs=_split(args.forbid_verb),
         resources=_split(args.forbid_resource),
         write_protected=_split(args.protect_resource),
@@ -213,25 +216,41 @@ def run(args: argparse.Namespace) -> int:
     if namespaces:
         # Watching only some namespaces would hide policy changes elsewhere: grants go
         # only into watched namespaces.
-        handlers.CONFIG.guardrails = handlers.CONFIG.guardrails.extended(
-            target_namespaces=namespaces
-        )
-    kopf.configure(verbose=args.verbose, log_format=kopf.LogFormat.PLAIN)
-    logging.getLogger("kubernetes").setLevel(logging.WARNING)
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
-    if not args.verbose:  # kopf logs every handler run at INFO; keep our own decisions
-        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    serve(handlers.CONFIG.metrics, handlers.CONFIG.health, args.metrics_port, args.metrics_host)
+        guardrails = guardrails.extended(target_namespaces=namespaces)
+    metrics, health = Metrics(), Health()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    serve(metrics, health, args.metrics_port, args.metrics_host)
     elector = _leader_elector(args) if args.leader_elect else None
     if elector:
-        handlers.CONFIG.health.standby.set()
+        health.standby.set()
         elector.wait_for_leadership()
-        handlers.CONFIG.health.standby.clear()
+        health.standby.clear()
     # without election the single instance acts: it is the leader (no NoLeader alert)
-    handlers.CONFIG.metrics.leader.set(1)
+    metrics.leader.set(1)
+    # Connections for every thread that may call at once (decisions with their
+    # concurrent writes, revocations, watches): a full pool would discard connections
+    # and pay a TLS handshake for each new one.
+    kube = Kube.from_environment(pool_size=4 * args.workers + 16, observer=metrics.api_call)
+    service = Service(
+        kube, AuditLog(path=args.audit_file), metrics, guardrails, workers=args.workers
+    )
+    watch = TaskWatch(service, namespaces or None)
     try:
-        kopf.run(standalone=True, clusterwide=not namespaces, namespaces=namespaces)
+        service.start()
+        watch.start()
+        if not watch.wait_synced(60):
+            log.warning("AgentTasks not listed after 60 s; still trying")
+        health.ready.set()
+        log.info("agent-access-operator is running")
+        while not stop.wait(1):
+            pass
+        log.info("stopping")
     finally:
+        health.ready.clear()
+        watch.stop()
+        service.close()
         if elector:
             elector.release()
     return 0

@@ -30,6 +30,9 @@ Key = tuple[str, str]  # (namespace or "", name)
 #: (event type, key, old value or None, new value or None); after the initial list only.
 OnChange = Callable[[str, Key, Any, Any], None]
 
+#: (event type, the object as received); a relist's deletion gets `stub(key, old value)`.
+OnObject = Callable[[str, Mapping[str, Any]], None]
+
 #: Not a value: the object is present but ignored (e.g. a malformed policy).
 SKIP: Any = object()
 
@@ -49,6 +52,9 @@ class Informer(Generic[V]):
         name: str = "",
         timeout: int = 300,
         by_namespace: bool = False,
+        namespace: str | None = None,
+        on_object: OnObject | None = None,
+        stub: Callable[[Key, V], Mapping[str, Any]] | None = None,
     ):
         self.kube = kube
         self.resource = resource
@@ -56,6 +62,12 @@ class Informer(Generic[V]):
         self.on_change = on_change
         self.name = name or resource.plural
         self.timeout = timeout
+        #: Only this namespace (None: all).
+        self.namespace = namespace
+        #: Whole objects, for a consumer that needs more than the compact value (the
+        #: AgentTask watch): every event, and every object of the first list too.
+        self.on_object = on_object
+        self.stub = stub
         self.items: dict[Key, V] = {}
         #: namespace -> {name: value}, when asked for (policies: a decision reads a few
         #: namespaces, never all).
@@ -109,23 +121,39 @@ class Informer(Generic[V]):
             return None
         return None if value is SKIP else value
 
-    def _report(self, kind: str, key: Key, old: Any, new: Any) -> None:
-        if self.on_change is None:
-            return
+    def _report(
+        self, kind: str, key: Key, old: Any, new: Any, obj: Mapping[str, Any] | None = None
+    ) -> None:
         try:
-            self.on_change(kind, key, old, new)
+            if self.on_change is not None:
+                self.on_change(kind, key, old, new)
+            if self.on_object is not None:
+                if obj is None:
+                    if self.stub is None or old is None:
+                        return
+                    obj = self.stub(key, old)
+                self.on_object(kind, obj)
         except Exception:
             log.exception("handling a %s event of %s %s failed", kind, self.name, key)
 
     def relist(self) -> None:
         """List afresh; report what changed since the last known state."""
         fresh: dict[Key, V] = {}
+        raw: dict[Key, Mapping[str, Any]] = {}
         version = [""]
-        for page in self.kube.pages(self.resource, version=version):  # never all at once
+        first = not self.synced.is_set()
+        pages = self.kube.pages(self.resource, self.namespace, version=version)
+        for page in pages:  # never all at once
             for obj in page:
                 value = self._value(obj)
                 if value is not None:
                     fresh[key_of(obj)] = value
+                    if self.on_object is None:
+                        continue
+                    if first:  # whole objects: the first list is news too, page by page
+                        self._report("ADDED", key_of(obj), None, value, obj)
+                    elif self.items.get(key_of(obj)) != value:  # only what changed
+                        raw[key_of(obj)] = obj
         old, self.items = self.items, fresh
         if self.by_namespace is not None:
             index: dict[str, dict[str, V]] = {}
@@ -134,13 +162,14 @@ class Informer(Generic[V]):
             self.by_namespace = index
         self.resource_version = version[0]
         self.relists += 1
-        if self.synced.is_set():  # a relist after a gap: report what it changed
+        if not first:  # a relist after a gap: report what it changed
             for key in old.keys() - fresh.keys():
                 self._report("DELETED", key, old[key], None)
             for key, value in fresh.items():
                 before = old.get(key)
                 if before != value:
-                    self._report("ADDED" if before is None else "MODIFIED", key, before, value)
+                    kind = "ADDED" if before is None else "MODIFIED"
+                    self._report(kind, key, before, value, raw.get(key))
         self.healthy = True
         self.synced.set()
 
@@ -164,7 +193,7 @@ class Informer(Generic[V]):
         self._index(key, new)
         if version:
             self.resource_version = str(version)
-        self._report(kind, key, old, new)
+        self._report(kind, key, old, new, obj)
 
     def _run(self) -> None:
         delay = 0.2
@@ -173,7 +202,7 @@ class Informer(Generic[V]):
                 if not self.resource_version:
                     self.relist()
                 for kind, obj in self.kube.watch(
-                    self.resource, self.resource_version, timeout=self.timeout
+                    self.resource, self.resource_version, self.timeout, self.namespace
                 ):
                     if self._stop.is_set():
                         return

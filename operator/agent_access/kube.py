@@ -13,7 +13,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -350,6 +350,18 @@ class Kube:
             body=patch,
             content_type="application/merge-patch+json",
             resource=f"{res.plural}/{sub}" if sub else res.plural,
+        )
+
+    def json_patch(
+        self, res: Resource, namespace: str | None, name: str, patch: Sequence[Mapping[str, Any]]
+    ) -> dict[str, Any]:
+        """RFC 6902 patch: its "test" operations make it conditional (422 if one fails)."""
+        return self.request(
+            "PATCH",
+            res.path(namespace, name),
+            body=patch,
+            content_type="application/json-patch+json",
+            resource=res.plural,
         )
 
     # -- domain helpers ----------------------------------------------------------

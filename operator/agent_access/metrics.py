@@ -7,10 +7,11 @@ started and is watching) on --metrics-port.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -111,6 +112,9 @@ class Metrics:
         self.revocations.labels(reason=str(reason)).inc()
         self.revoke_latency.labels(trigger=str(reason)).observe(max(0.0, seconds))
 
+    def timed(self, handler: str) -> _Timed:
+        return _Timed(self.handler_seconds.labels(handler=handler))
+
     def issue_failed(self) -> None:
         self.issue_failures.inc()
 
@@ -166,3 +170,16 @@ def serve(
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
+
+
+class _Timed:
+    """with metrics.timed("reconcile"): ... observes how long the block took."""
+
+    def __init__(self, histogram: Any):
+        self.histogram = histogram
+
+    def __enter__(self) -> None:
+        self.started = time.monotonic()
+
+    def __exit__(self, *exc: object) -> None:
+        self.histogram.observe(time.monotonic() - self.started)

@@ -1,6 +1,6 @@
 """Grant service: gathers facts, asks the engine, issues and revokes.
 
-The kopf handlers call into this module; it calls the adapter (`kube`, through
+The AgentTask watch (tasks.py) calls into this module; it calls the adapter (`kube`, through
 `facts` and `owned`) and the pure core (`engine`, `objects`, `status`). It owns
 the all-or-nothing issuance and the revocation order: bindings first (403 at
 once), then the identity (ServiceAccount, token Secret: 401), then the Roles.
@@ -145,20 +145,33 @@ class Service(Issuance):
 
     # -- the main reconcile ------------------------------------------------------------
 
-    def seen(self, task: Mapping[str, Any]) -> None:
-        """Every watch event of a task. Notes when an undecided task was first received
-        (its creationTimestamp has whole-second precision, too coarse for latency), and
-        puts back the status of a live grant that someone else marked as ended (a
-        status-only change starts no other handler)."""
+    def note_seen(self, task: Mapping[str, Any]) -> None:
+        """Every watch event of a task (no I/O): notes when an undecided task was first
+        received (its creationTimestamp has whole-second precision, too coarse for
+        latency)."""
+        if not (task.get("status") or {}).get("phase"):
+            self._first_seen.setdefault(task["metadata"]["uid"], self.clock())
+
+    def status_forged(self, task: Mapping[str, Any]) -> bool:
+        """A live grant's task whose status says it ended: terminal is written only after
+        the registry let go, so someone else wrote it (no I/O)."""
         phase = (task.get("status") or {}).get("phase")
-        uid = task["metadata"]["uid"]
-        if not phase:
-            self._first_seen.setdefault(uid, self.clock())
-        elif phase in TERMINAL and not task["metadata"].get("deletionTimestamp"):
-            # Terminal is written only after the registry let go: this one is forged.
-            grant = self.registry.get(uid)
+        return (
+            phase in TERMINAL
+            and not task["metadata"].get("deletionTimestamp")
+            and self.registry.get(task["metadata"]["uid"]) is not None
+        )
+
+    def restore_forged_status(self, task: Mapping[str, Any]) -> None:
+        """Put back the status of a live grant that someone else marked as ended."""
+        if self.status_forged(task):
+            grant = self.registry.get(task["metadata"]["uid"])
             if grant is not None:
                 self._restore_status(task, grant)
+
+    def forget(self, uid: str) -> None:
+        """The task is gone for good: drop what was kept about it."""
+        self._first_seen.pop(uid, None)
 
     def needs_decision(self, task: Mapping[str, Any]) -> bool:
         """Would reconcile decide (evaluate and issue) this task? In memory, no I/O."""

@@ -163,15 +163,16 @@ def test_planted_annotations_at_create_are_refused_or_overwritten(world, operato
 
 
 def _kopf_essence(body: dict) -> str:
-    """What kopf (with annotation storage) records as "last handled" for this body."""
+    """What kopf (with annotation storage) recorded as "last handled" for this body: the
+    body without status and bookkeeping. The operator no longer uses kopf; the attack
+    stays, against whatever bookkeeping a future version might keep on the object."""
     import json
 
-    import kopf
-
-    storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="agentaccess.io", key="last-handled-configuration"
-    )
-    return json.dumps(storage.build(body=kopf.Body(body)), separators=(",", ":")) + "\n"
+    essence = {"spec": body.get("spec") or {}}
+    meta = body.get("metadata") or {}
+    if meta.get("labels"):
+        essence["metadata"] = {"labels": meta["labels"]}
+    return json.dumps(essence, separators=(",", ":")) + "\n"
 
 
 def test_planted_progress_annotations_do_not_stop_cancel_or_deletion(world, operator):

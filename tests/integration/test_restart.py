@@ -39,7 +39,7 @@ def test_sigkill_expiry_and_orphans(world, operator):
         operator.start()
     poll_status(lambda: list_pods_status(clients["short"], target), {401, 403}, 10)
     record_timing("restart: expired while down -> 403 (incl. start-up)", time.monotonic() - started)
-    # measured from spawning the process: ~1 s of it is the interpreter importing kopf
+    # measured from spawning the process: ~1 s of it is importing the Kubernetes client
     assert time.monotonic() - started < 2.0
     assert world.wait_phase(agents, names["short"], "Expired")["status"]["reason"] == "TTLExpired"
     assert world.task_objects(tasks["short"]) == []

@@ -27,13 +27,13 @@ class ScriptedKube:
         self.watched_from: list[str] = []
         self.done = threading.Event()
 
-    def pages(self, resource, version):
+    def pages(self, resource, namespace=None, version=None):
         self.lists += 1
         items, version[0] = self.listings.pop(0)
         yield items[:1]  # in two pages
         yield items[1:]
 
-    def watch(self, resource, version, timeout=300):
+    def watch(self, resource, version, timeout=300, namespace=None):
         self.watched_from.append(version)
         if not self.watches:
             self.done.set()
@@ -94,6 +94,35 @@ def test_a_gap_relists_and_reports_every_difference():
         ("MODIFIED", ("a", "keep"), 1, 2),
     ]
     assert kube.lists == 2 and inf.relists == 2
+
+
+def test_whole_objects_first_list_included_and_a_gap_deletion_as_a_stub():
+    """The AgentTask watch needs whole objects: every one of the first list, every
+    event, and for a deletion seen only by a relist, a stub built from the key."""
+    seen = []
+    kube = ScriptedKube(
+        [
+            ([obj("a", "t1", 1, v="u1"), obj("a", "t2", 2, v="u2")], "5"),
+            ([obj("a", "t1", 1, v="u1")], "9"),
+        ],
+        [[("MODIFIED", obj("a", "t1", 6, v="u1"))], Gone(410, "too old")],
+    )
+    inf = Informer(
+        kube,
+        PODS,
+        lambda o: (o["v"], o["metadata"]["resourceVersion"]),
+        on_object=lambda kind, o: seen.append((kind, o["metadata"]["name"], o.get("v"))),
+        stub=lambda key, value: {"metadata": {"namespace": key[0], "name": key[1]}},
+    )
+    run(inf, kube)
+    assert seen == [
+        ("ADDED", "t1", "u1"),
+        ("ADDED", "t2", "u2"),
+        ("MODIFIED", "t1", "u1"),
+        # the relist: t1 went back to version 1 (changed), t2 is gone
+        ("DELETED", "t2", None),
+        ("MODIFIED", "t1", "u1"),
+    ]
 
 
 def test_a_broken_connection_resumes_without_relisting():
