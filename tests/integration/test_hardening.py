@@ -361,6 +361,40 @@ def test_finalizer_removed_by_an_admin_still_revokes(world, operator):
     wait_for(lambda: world.task_objects(task) == [], 5, what="no objects left")
 
 
+def test_a_stripped_finalizer_is_put_back_and_only_ours_is_ever_removed(world, operator):
+    """The operator holds deleted tasks with its finalizer: stripped by an admin, it is
+    put back (conditionally on the version it saw); on deletion it removes its own and
+    nothing else, whatever other finalizers were added around it."""
+    agents, target = scene(world)
+    task = active(world, agents, target)
+    name = task["metadata"]["name"]
+    client = as_token(world.kubeconfig, world.token(task))
+    world.kube.merge_patch(AGENT_TASKS, agents, name, {"metadata": {"finalizers": None}})
+    wait_for(
+        lambda: (
+            world.get_task(agents, name)["metadata"].get("finalizers") == ["agentaccess.io/revoke"]
+        ),
+        5,
+        what="the finalizer back",
+    )
+    others = ["example.com/before", "agentaccess.io/revoke", "example.com/after"]
+    world.kube.merge_patch(AGENT_TASKS, agents, name, {"metadata": {"finalizers": others}})
+    world.kube.delete(AGENT_TASKS, agents, name)
+    poll_status(lambda: list_pods_status(client, target), {401, 403}, 5)
+    wait_for(
+        lambda: (
+            world.get_task(agents, name)["metadata"].get("finalizers")
+            == ["example.com/before", "example.com/after"]
+        ),
+        5,
+        what="only the operator's finalizer removed",
+    )
+    assert world.get_task(agents, name)["metadata"].get("deletionTimestamp")
+    wait_for(lambda: world.task_objects(task) == [], 5, what="no objects left")
+    world.kube.merge_patch(AGENT_TASKS, agents, name, {"metadata": {"finalizers": None}})
+    wait_for(lambda: world.kube.get(AGENT_TASKS, agents, name) is None, 5, what="task gone")
+
+
 def test_expiry_survives_a_restart_without_trusting_status(world, operator):
     agents, target = scene(world)
     task = active(world, agents, target, ttl="5s")
