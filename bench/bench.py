@@ -246,11 +246,32 @@ class Bench:
         self, agent: str = "bot", timeout: float = 20, **spec
     ) -> tuple[float, dict, Kube]:
         name = self.name("g")
+        # Wait as `kubectl wait` does: a watch on the task, open before it is created.
+        stream = self.kube.watch(
+            AGENT_TASKS,
+            "",
+            int(timeout) + 1,
+            self.agents,
+            field_selector=f"metadata.name={name}",
+        )
+        next(stream)  # OPEN
         start = time.monotonic()
         self.world.task(
             self.agents, name, agent, [{"namespace": self.target, "rules": READ}], **spec
         )
-        task = self.wait_active(self.agents, name, timeout)
+        task = None
+        try:
+            for _, obj in stream:
+                phase = (obj.get("status") or {}).get("phase")
+                if phase == "Active":
+                    task = obj
+                    break
+                if phase not in (None, "Pending"):
+                    raise RuntimeError(f"{name}: {obj['status']}")
+        finally:
+            stream.close()
+        if task is None:
+            raise TimeoutError(name)
         client = self.client(self.token_of(task))
         wait_status(lambda: probe(client, self.target), {200}, 10, POLL)
         return time.monotonic() - start, task, client

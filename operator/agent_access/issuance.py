@@ -114,6 +114,9 @@ class Issuance:
     def _recheck_soon(self, uid: str) -> None:
         raise NotImplementedError
 
+    def schedule_expiry(self, uid: str, expires_at: datetime) -> None:
+        raise NotImplementedError
+
     def _write_status(self, task: Mapping[str, Any], status: Mapping[str, Any]) -> None:
         meta = task["metadata"]
         self.kube.merge_patch(
@@ -334,7 +337,7 @@ class Issuance:
         lock = self.registry.lock(uid)
         with lock:
             self.registry.add(plan)
-            self.deadlines.schedule(uid, decision.expires_at)
+            self.schedule_expiry(uid, decision.expires_at)
         now = self.clock()
         new_status = self._active_status(task, plan)
         # The audit line goes first (write-ahead): a token exists now. A crash from here

@@ -257,6 +257,7 @@ class Kube:
         timeout: int = 300,
         namespace: str | None = None,
         label_selector: str = "",
+        field_selector: str = "",
     ) -> Iterator[tuple[str, dict[str, Any]]]:
         """Stream (type, object) watch events from `resource_version`, bookmarks included.
 
@@ -270,6 +271,8 @@ class Kube:
             ("allowWatchBookmarks", "true"),
             ("timeoutSeconds", str(timeout)),
         ] + ([("labelSelector", label_selector)] if label_selector else [])
+        if field_selector:
+            query.append(("fieldSelector", field_selector))
         started = time.monotonic()
         try:
             method, url, hdrs, data, post = self.api.param_serialize(

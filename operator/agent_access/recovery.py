@@ -162,7 +162,7 @@ def recover(service: Service) -> None:
                 triggered_at=grant.expires_at,
             )
         else:
-            service.deadlines.schedule(uid, grant.expires_at)
+            service.schedule_expiry(uid, grant.expires_at)
             service.unverified.add(uid)
     removed = 0
     for uid, objs in found.items():

@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 
 TERMINAL = {p.value for p in Phase if p.terminal}
 RETRY_DELAY = timedelta(milliseconds=500)
+#: A grant's revocation starts this long before its expiresAt, so that its bindings
+#: are gone (403) by then rather than a RoleBinding DELETE round trip after.
+EXPIRY_LEAD = timedelta(milliseconds=5)
 
 
 def _utcnow() -> datetime:
@@ -386,6 +389,9 @@ class Service(Issuance):
 
     # -- triggers ------------------------------------------------------------------------------
 
+    def schedule_expiry(self, uid: str, expires_at: datetime) -> None:
+        self.deadlines.schedule(uid, expires_at - EXPIRY_LEAD)
+
     def on_deadline(self, uid: str) -> None:
         grant = self.registry.get(uid)
         if grant is None:
@@ -406,10 +412,10 @@ class Service(Issuance):
             self.revoke(grant, Reason.TTL_EXPIRED, "the TTL ran out", triggered_at=grant.expires_at)
         elif uid in self._pending_recheck:
             self._pending_recheck.discard(uid)
-            self.deadlines.schedule(uid, grant.expires_at or self.clock())
+            self.schedule_expiry(uid, grant.expires_at or self.clock())
             self._recheck_soon(uid)
         elif grant.expires_at:
-            self.deadlines.schedule(uid, grant.expires_at)
+            self.schedule_expiry(uid, grant.expires_at)
 
     # Watch events (informer threads): filter cheaply, hand real work to the pools.
 
@@ -550,7 +556,7 @@ class Service(Issuance):
             if live is None:
                 return
             self.registry.add(replace(live, expires_at=deadline))
-            self.deadlines.schedule(grant.uid, deadline)
+            self.schedule_expiry(grant.uid, deadline)
         until = st.rfc3339(deadline)
         message = f"policies changed: the grant now ends at {until} (maxTTL lowered)"
         log.info("%s: %s", grant.ref, message)
