@@ -55,6 +55,12 @@ VALUE_SETS = {
         "guardrails.forbidResources={secrets}",
     ],
     "no-crds-no-le": ["--set", "crds.enabled=false", "--set", "leaderElection.enabled=false"],
+    "network-policy": [
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set",
+        "networkPolicy.apiServerCIDRs={10.0.0.1/32}",
+    ],
     "monitoring": [
         "--set",
         "metrics.serviceMonitor.enabled=true",
@@ -120,6 +126,87 @@ def test_operator_never_gets_cluster_wide_secret_reads_or_clusterrole_writes():
             assert "clusterroles" not in rule["resources"], rule
             assert "clusterrolebindings" not in rule["resources"], rule
             assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
+
+
+def test_the_helm_test_pod_is_locked_down_and_has_no_api_credentials():
+    test_pod = next(d for d in docs(render()) if d["kind"] == "Pod")
+    spec = test_pod["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsGroup"] == 65532
+    container = spec["containers"][0]
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_replicas_spread_and_the_pdb_never_blocks_drains():
+    rendered = docs(render(*VALUE_SETS["ha"]))
+    pod = next(d for d in rendered if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    keys = {c["topologyKey"] for c in pod["topologySpreadConstraints"]}
+    assert keys == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+    assert all(c["whenUnsatisfiable"] == "ScheduleAnyway" for c in pod["topologySpreadConstraints"])
+    pdb = next(d for d in rendered if d["kind"] == "PodDisruptionBudget")
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    single = next(d for d in docs(render()) if d["kind"] == "Deployment")
+    assert "topologySpreadConstraints" not in single["spec"]["template"]["spec"]
+    volume = next(v for v in single["spec"]["template"]["spec"]["volumes"] if v["name"] == "tmp")
+    assert volume["emptyDir"]["sizeLimit"] == "64Mi"
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (["--set", "podDisruptionBudget.enabled=true"], "needs replicaCount >= 2"),
+        (
+            [
+                "--set",
+                "replicaCount=2",
+                "--set",
+                "podDisruptionBudget.enabled=true",
+                "--set",
+                "podDisruptionBudget.minAvailable=2",
+            ],
+            "must be below replicaCount",
+        ),
+        (
+            ["--set", "replicaCount=2", "--set", "leaderElection.enabled=false"],
+            "needs leaderElection.enabled",
+        ),
+        (["--set", "leaderElection.retryPeriod=15"], "shorter than leaderElection.leaseDuration"),
+        (
+            [
+                "--set",
+                "metrics.serviceMonitor.enabled=true",
+                "--set",
+                "metrics.service.enabled=false",
+            ],
+            "needs metrics.service.enabled",
+        ),
+    ],
+)
+def test_unsafe_value_combinations_are_refused(values, message):
+    result = subprocess.run(
+        [HELM, "template", "x", str(CHART), "--kube-version", K8S, *values],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_network_policy_admits_metrics_and_reaches_only_the_api_server():
+    rendered = docs(render(*VALUE_SETS["network-policy"]))
+    policy = next(d for d in rendered if d["kind"] == "NetworkPolicy")
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    pod = next(d for d in rendered if d["kind"] == "Deployment")["spec"]["template"]
+    assert selector.items() <= pod["metadata"]["labels"].items()
+    test_pod = next(d for d in rendered if d["kind"] == "Pod")
+    assert not selector.items() <= test_pod["metadata"]["labels"].items()  # DNS stays open
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["spec"]["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}]}]
+    (egress,) = policy["spec"]["egress"]
+    assert {p["port"] for p in egress["ports"]} == {443, 6443}
+    assert egress["to"] == [{"ipBlock": {"cidr": "10.0.0.1/32"}}]
+    assert not [d for d in docs(render()) if d["kind"] == "NetworkPolicy"]
 
 
 def test_grant_namespaces_use_rolebindings_and_flags():

@@ -39,3 +39,22 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "aao.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
+
+{{/* Combinations of values the schema cannot judge alone: refused at render time. */}}
+{{- define "aao.validate" -}}
+{{- if and .Values.podDisruptionBudget.enabled (lt (int .Values.replicaCount) 2) -}}
+{{- fail "podDisruptionBudget.enabled needs replicaCount >= 2: with one replica the PDB would block every node drain" -}}
+{{- end -}}
+{{- if and .Values.podDisruptionBudget.enabled (ge (int .Values.podDisruptionBudget.minAvailable) (int .Values.replicaCount)) -}}
+{{- fail "podDisruptionBudget.minAvailable must be below replicaCount, or no replica may ever be evicted" -}}
+{{- end -}}
+{{- if and (gt (int .Values.replicaCount) 1) (not .Values.leaderElection.enabled) -}}
+{{- fail "replicaCount > 1 needs leaderElection.enabled: without it every replica would act" -}}
+{{- end -}}
+{{- if and .Values.leaderElection.enabled (ge (float64 .Values.leaderElection.retryPeriod) (float64 .Values.leaderElection.leaseDuration)) -}}
+{{- fail "leaderElection.retryPeriod must be shorter than leaderElection.leaseDuration, or the leader loses its Lease between renewals" -}}
+{{- end -}}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) -}}
+{{- fail "metrics.serviceMonitor.enabled needs metrics.service.enabled: the ServiceMonitor scrapes that Service" -}}
+{{- end -}}
+{{- end -}}
