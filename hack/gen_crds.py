@@ -124,8 +124,12 @@ def crd(
         "type": "object",
         "description": desc,
         "properties": {
-            "apiVersion": {"type": "string"},
-            "kind": {"type": "string"},
+            "apiVersion": {
+                "type": "string",
+                "description": "Versioned schema of this object: agentaccess.io/v1alpha1.",
+            },
+            "kind": {"type": "string", "description": f"The kind of this object: {kind}."},
+            # The API server describes metadata itself (ObjectMeta) and refuses more here.
             "metadata": {"type": "object"},
             "spec": spec,
         },
@@ -262,11 +266,23 @@ CONDITION = {
     "required": ["type", "status"],
     "properties": {
         "type": {"type": "string", "description": "Granted: True while access is live."},
-        "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
+        "status": {
+            "type": "string",
+            "enum": ["True", "False", "Unknown"],
+            "description": "True, False or Unknown.",
+        },
         "reason": {"type": "string", "description": "One CamelCase word."},
-        "message": {"type": "string"},
-        "lastTransitionTime": {"type": "string", "format": "date-time"},
-        "observedGeneration": {"type": "integer", "format": "int64"},
+        "message": {"type": "string", "description": "Details for humans."},
+        "lastTransitionTime": {
+            "type": "string",
+            "format": "date-time",
+            "description": "When the condition last changed status (RFC 3339).",
+        },
+        "observedGeneration": {
+            "type": "integer",
+            "format": "int64",
+            "description": "The task's metadata.generation the condition was set for.",
+        },
     },
 }
 
@@ -295,7 +311,11 @@ TASK_STATUS = {
             "PolicyAllowed, RuleNotAllowed, TTLExpired).",
         },
         "message": {"type": "string", "description": "Details for humans."},
-        "observedGeneration": {"type": "integer", "format": "int64"},
+        "observedGeneration": {
+            "type": "integer",
+            "format": "int64",
+            "description": "The metadata.generation the operator last acted on.",
+        },
         "serviceAccountName": {
             "type": "string",
             "description": "The ephemeral per-task identity the token belongs to.",
@@ -310,13 +330,26 @@ TASK_STATUS = {
             "description": "Who created the task, as the API server recorded it at admission "
             "(stamped by a MutatingAdmissionPolicy; clients cannot set it).",
             "properties": {
-                "username": {"type": "string"},
-                "uid": {"type": "string"},
-                "groups": {"type": "array", "items": {"type": "string"}},
+                "username": {"type": "string", "description": "The requester's user name."},
+                "uid": {"type": "string", "description": "The requester's UID, if any."},
+                "groups": {
+                    "type": "array",
+                    "items": {"type": "string"},
+                    "description": "The requester's groups.",
+                },
             },
         },
-        "grantedAt": {"type": "string", "format": "date-time"},
-        "expiresAt": {"type": "string", "format": "date-time"},
+        "grantedAt": {
+            "type": "string",
+            "format": "date-time",
+            "description": "When access was granted (RFC 3339).",
+        },
+        "expiresAt": {
+            "type": "string",
+            "format": "date-time",
+            "description": "When access ends at the latest (RFC 3339): the token is refused "
+            "from then on. A lowered policy maxTTL can move it earlier, never later.",
+        },
         "endedAt": {
             "type": "string",
             "format": "date-time",
@@ -334,15 +367,29 @@ TASK_STATUS = {
             "items": {
                 "type": "object",
                 "properties": {
-                    "namespace": {"type": "string"},
-                    "roleName": {"type": "string"},
-                    "roleBindingName": {"type": "string"},
+                    "namespace": {
+                        "type": "string",
+                        "description": "The namespace access was granted in.",
+                    },
+                    "roleName": {
+                        "type": "string",
+                        "description": "The Role holding the granted rules there.",
+                    },
+                    "roleBindingName": {
+                        "type": "string",
+                        "description": "The RoleBinding giving them to the per-task identity.",
+                    },
                     "rules": {
                         "type": "array",
+                        "description": "The RBAC rules granted there.",
                         "items": rule_schema(request=True)
                         | {
                             "properties": {
-                                k: {"type": "array", "items": {"type": "string"}}
+                                k: {
+                                    "type": "array",
+                                    "items": {"type": "string"},
+                                    "description": f"RBAC {k} of this rule.",
+                                }
                                 for k in ("apiGroups", "resources", "verbs", "resourceNames")
                             }
                         },
@@ -352,6 +399,7 @@ TASK_STATUS = {
         },
         "conditions": {
             "type": "array",
+            "description": "Kubernetes conditions; type Granted is True while access is live.",
             "items": CONDITION,
             "x-kubernetes-list-type": "map",
             "x-kubernetes-list-map-keys": ["type"],
@@ -414,7 +462,11 @@ def policy_spec(cluster: bool) -> dict:
                     "type": "object",
                     "required": ["kind", "name"],
                     "properties": {
-                        "kind": {"type": "string", "enum": ["User", "Group", "ServiceAccount"]},
+                        "kind": {
+                            "type": "string",
+                            "enum": ["User", "Group", "ServiceAccount"],
+                            "description": "User, Group or ServiceAccount.",
+                        },
                         "name": {**NAME, "description": "User name, group or ServiceAccount."},
                         "namespace": {
                             **DNS_LABEL,
@@ -444,25 +496,53 @@ def policy_spec(cluster: bool) -> dict:
             "description": "A standard label selector choosing the target namespaces this "
             "policy governs. An empty selector matches no namespace.",
             "properties": {
-                "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+                "matchLabels": {
+                    "type": "object",
+                    "additionalProperties": {"type": "string"},
+                    "description": "Namespaces whose labels include all of these key/value pairs.",
+                },
                 "matchExpressions": {
                     "type": "array",
+                    "description": "Label requirements, all of which must hold.",
                     "items": {
                         "type": "object",
                         "required": ["key", "operator"],
                         "properties": {
-                            "key": {"type": "string"},
+                            "key": {"type": "string", "description": "The label key."},
                             "operator": {
                                 "type": "string",
                                 "enum": ["In", "NotIn", "Exists", "DoesNotExist"],
+                                "description": "In, NotIn, Exists or DoesNotExist.",
                             },
-                            "values": {"type": "array", "items": {"type": "string"}},
+                            "values": {
+                                "type": "array",
+                                "items": {"type": "string"},
+                                "description": "Values for In and NotIn; empty for Exists "
+                                "and DoesNotExist.",
+                            },
                         },
                     },
                 },
             },
         }
     return spec
+
+
+def undescribed(schema: dict, path: str = "") -> list[str]:
+    """Fields `kubectl explain` would show without a description (array items of a
+    scalar type are not fields of their own)."""
+    out = []
+    for name, sub in (schema.get("properties") or {}).items():
+        here = f"{path}.{name}" if path else name
+        if here == "metadata":  # ObjectMeta, described by the API server
+            continue
+        if not sub.get("description"):
+            out.append(here)
+        out += undescribed(sub, here)
+        items = sub.get("items")
+        if isinstance(items, dict) and items.get("type") == "object":
+            out += undescribed(items, f"{here}[]")
+    return out
 
 
 def main() -> None:
@@ -508,6 +588,10 @@ def main() -> None:
             "namespaceSelector chooses.",
         ),
     }
+    for name, doc in docs.items():
+        missing = undescribed(doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+        if missing:
+            raise SystemExit(f"{name}: fields without a description: {', '.join(missing)}")
     header = "# Generated by hack/gen_crds.py; do not edit.\n"
     for out in outs:
         out.mkdir(parents=True, exist_ok=True)

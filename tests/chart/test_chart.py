@@ -361,3 +361,24 @@ def test_monitoring_extras_render():
         "agentaccess_active_grants",
     ):
         assert metric in exprs
+    # Two installs feeding one Prometheus are told apart, never summed.
+    board = json.loads(dashboard["data"]["agent-access-operator.json"])
+    assert {"namespace", "job"} <= {v["name"] for v in board["templating"]["list"]}
+    import re
+
+    for metric in re.findall(r"agentaccess_[a-z_]+[^a-z_]", exprs):
+        assert metric.endswith("{"), f"{metric!r} is not filtered by $namespace and $job"
+    assert exprs.count('{namespace=~"$namespace",job=~"$job"}') == len(
+        re.findall(r"agentaccess_[a-z_]+", exprs)
+    )
+
+
+def test_every_crd_field_has_a_description():
+    """What `kubectl explain` shows: every field of every CRD is described."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "hack"))
+    from gen_crds import undescribed
+
+    for kind, schema in crd_schemas().items():
+        assert undescribed(schema) == [], kind

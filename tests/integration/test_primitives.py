@@ -90,3 +90,26 @@ def test_token_bound_to_secret_dies_with_the_secret(world):
     assert list_pods_status(client, ns) == 403  # authenticated, not authorized
     world.kube.delete(SECRETS, ns, "holder")
     poll_status(lambda: list_pods_status(client, ns), {401}, 20, interval=0.2)
+
+
+def test_kubectl_explain_describes_the_fields_users_read_most(kubeconfig, crds):
+    """The live API server publishes the CRDs' descriptions to `kubectl explain`."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    kubectl = Path(sys.executable).with_name("kubectl")
+    for field in (
+        "agenttask.status.expiresAt",
+        "agenttask.status.grants",
+        "agenttask.status.conditions",
+        "clusteraccesspolicy.spec.namespaceSelector.matchExpressions",
+    ):
+        out = subprocess.run(
+            [str(kubectl), "--kubeconfig", kubeconfig, "explain", field],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        description = out.split("DESCRIPTION:", 1)[1].split("FIELDS:", 1)[0].strip()
+        assert description and description != "<empty>", (field, out)
