@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Build the local control-plane binaries (kube-apiserver, etcd, helm) from the
-# Go module proxy and cache them outside the repo, keyed by version.
+# Build the local control-plane binaries (kube-apiserver, kube-controller-manager,
+# etcd, helm) from the Go module proxy, fetch promtool from Debian's prometheus
+# package, and cache them outside the repo, keyed by version.
 # Prints nothing but progress on stderr; a second run with a warm cache is a no-op.
 #
 #   hack/build-binaries.sh            build what is missing
@@ -10,6 +11,8 @@ set -euo pipefail
 K8S_VERSION="${K8S_VERSION:-1.37.2}"
 ETCD_VERSION="${ETCD_VERSION:-3.6.16}"
 HELM_VERSION="${HELM_VERSION:-3.22.0}"
+# promtool (alert rule unit tests) from Debian's prometheus package, pinned.
+PROMETHEUS_DEB_VERSION="${PROMETHEUS_DEB_VERSION:-2.42.0+ds-5+deb12u1}"
 CACHE="${AAO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/agent-access-operator}"
 BIN="$CACHE/bin"
 export GOFLAGS="${GOFLAGS:--buildvcs=false} -trimpath"
@@ -18,6 +21,7 @@ export CGO_ENABLED=0
 K8S_BIN="$BIN/kubernetes-v$K8S_VERSION"
 ETCD_BIN="$BIN/etcd-v$ETCD_VERSION"
 HELM_BIN="$BIN/helm-v$HELM_VERSION"
+PROMTOOL_BIN="$BIN/promtool-${PROMETHEUS_DEB_VERSION//[+~:]/_}"
 
 log() { echo "build-binaries: $*" >&2; }
 
@@ -113,10 +117,28 @@ build_helm() {
   log "helm built in $((SECONDS - started))s"
 }
 
+fetch_promtool() {
+  [ -x "$PROMTOOL_BIN/promtool" ] && return 0
+  command -v apt-get >/dev/null || { log "promtool comes from Debian's prometheus package: apt-get is required"; exit 1; }
+  log "fetching promtool from Debian's prometheus $PROMETHEUS_DEB_VERSION"
+  local tmp; tmp="$(mktemp -d)"
+  (
+    cd "$tmp"
+    apt-get download -q "prometheus=$PROMETHEUS_DEB_VERSION" >&2 \
+      || { apt-get update -q >&2 && apt-get download -q "prometheus=$PROMETHEUS_DEB_VERSION" >&2; }
+    dpkg-deb -x prometheus_*.deb root
+    mkdir -p "$PROMTOOL_BIN.tmp"
+    cp root/usr/bin/promtool "$PROMTOOL_BIN.tmp/promtool"
+  )
+  rm -rf "$PROMTOOL_BIN"; mv "$PROMTOOL_BIN.tmp" "$PROMTOOL_BIN"; rm -rf "$tmp"
+  "$PROMTOOL_BIN/promtool" --version >&2
+}
+
 command -v go >/dev/null || { log "go is required to build the control-plane binaries"; exit 1; }
 build_etcd
 build_helm
 build_kubernetes
+fetch_promtool
 if [ "${1:-}" = "--print" ]; then
-  echo "$K8S_BIN:$ETCD_BIN:$HELM_BIN"
+  echo "$K8S_BIN:$ETCD_BIN:$HELM_BIN:$PROMTOOL_BIN"
 fi

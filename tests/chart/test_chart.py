@@ -382,3 +382,28 @@ def test_every_crd_field_has_a_description():
 
     for kind, schema in crd_schemas().items():
         assert undescribed(schema) == [], kind
+
+
+def test_alerts_fire_when_they_must_and_only_then(tmp_path):
+    """promtool (Debian's prometheus package, cached by hack/build-binaries.sh) runs the
+    rule unit tests in alerts_test.yaml against the rendered PrometheusRule."""
+    promtool = os.environ.get("PROMTOOL") or str(Path(HELM).parents[1] / "promtool")
+    if not os.path.exists(promtool):
+        found = subprocess.run(
+            [str(ROOT / "hack" / "build-binaries.sh"), "--print"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        promtool = next(p for p in found.split(":") if "promtool" in p) + "/promtool"
+    rendered = docs(render("--set", "metrics.prometheusRule.enabled=true"))
+    rule = next(d for d in rendered if d["kind"] == "PrometheusRule")
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    tests = tmp_path / "alerts_test.yaml"
+    tests.write_text((ROOT / "tests" / "chart" / "alerts_test.yaml").read_text())
+    check = subprocess.run(
+        [promtool, "check", "rules", str(tmp_path / "rules.yaml")], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    result = subprocess.run([promtool, "test", "rules", str(tests)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
