@@ -13,6 +13,9 @@ ETCD_VERSION="${ETCD_VERSION:-3.6.16}"
 HELM_VERSION="${HELM_VERSION:-3.22.0}"
 # promtool (alert rule unit tests) from Debian's prometheus package, pinned.
 PROMETHEUS_DEB_VERSION="${PROMETHEUS_DEB_VERSION:-2.42.0+ds-5+deb12u1}"
+# The Prometheus Operator CRDs the chart targets (ServiceMonitor, PrometheusRule),
+# from its Go module, for install tests and schema validation.
+PROMETHEUS_OPERATOR_VERSION="${PROMETHEUS_OPERATOR_VERSION:-0.85.0}"
 CACHE="${AAO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/agent-access-operator}"
 BIN="$CACHE/bin"
 export GOFLAGS="${GOFLAGS:--buildvcs=false} -trimpath"
@@ -22,6 +25,7 @@ K8S_BIN="$BIN/kubernetes-v$K8S_VERSION"
 ETCD_BIN="$BIN/etcd-v$ETCD_VERSION"
 HELM_BIN="$BIN/helm-v$HELM_VERSION"
 PROMTOOL_BIN="$BIN/promtool-${PROMETHEUS_DEB_VERSION//[+~:]/_}"
+PROMOP_CRDS="$BIN/prometheus-operator-crds-v$PROMETHEUS_OPERATOR_VERSION"
 
 log() { echo "build-binaries: $*" >&2; }
 
@@ -134,11 +138,26 @@ fetch_promtool() {
   "$PROMTOOL_BIN/promtool" --version >&2
 }
 
+fetch_prometheus_operator_crds() {
+  [ -f "$PROMOP_CRDS/monitoring.coreos.com_servicemonitors.yaml" ] && return 0
+  log "fetching the Prometheus Operator CRDs v$PROMETHEUS_OPERATOR_VERSION"
+  local dir
+  dir="$(go mod download -json "github.com/prometheus-operator/prometheus-operator@v$PROMETHEUS_OPERATOR_VERSION" \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])')"
+  mkdir -p "$PROMOP_CRDS.tmp"
+  for kind in servicemonitors prometheusrules; do
+    cp "$dir/example/prometheus-operator-crd/monitoring.coreos.com_$kind.yaml" "$PROMOP_CRDS.tmp/"
+  done
+  chmod -R u+w "$PROMOP_CRDS.tmp"
+  rm -rf "$PROMOP_CRDS"; mv "$PROMOP_CRDS.tmp" "$PROMOP_CRDS"
+}
+
 command -v go >/dev/null || { log "go is required to build the control-plane binaries"; exit 1; }
 build_etcd
 build_helm
 build_kubernetes
 fetch_promtool
+fetch_prometheus_operator_crds
 if [ "${1:-}" = "--print" ]; then
-  echo "$K8S_BIN:$ETCD_BIN:$HELM_BIN:$PROMTOOL_BIN"
+  echo "$K8S_BIN:$ETCD_BIN:$HELM_BIN:$PROMTOOL_BIN:$PROMOP_CRDS"
 fi
