@@ -11,6 +11,9 @@ from . import __version__
 
 log = logging.getLogger("agent_access")
 
+#: How long running work may take to finish on SIGTERM (the chart's grace period is 30 s).
+SHUTDOWN_SECONDS = 10.0
+
 
 def _split(values: list[str] | None) -> list[str]:
     return [v.strip() for item in values or () for v in item.split(",") if v.strip()]
@@ -219,14 +222,23 @@ def run(args: argparse.Namespace) -> int:
         guardrails = guardrails.extended(target_namespaces=namespaces)
     metrics, health = Metrics(), Health()
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    serve(metrics, health, args.metrics_port, args.metrics_host)
     elector = _leader_elector(args) if args.leader_elect else None
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+        if elector:
+            elector.stop()  # a standby stops waiting for the Lease
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    serve(metrics, health, args.metrics_port, args.metrics_host)
     if elector:
         health.standby.set()
         elector.wait_for_leadership()
         health.standby.clear()
+        if stop.is_set():
+            log.info("stopping before leading")
+            return 0
     # without election the single instance acts: it is the leader (no NoLeader alert)
     metrics.leader.set(1)
     # Connections for every thread that may call at once (decisions with their
@@ -250,9 +262,15 @@ def run(args: argparse.Namespace) -> int:
     finally:
         health.ready.clear()
         watch.stop()
-        service.close()
+        # Work already running finishes before the Lease is given up, so a standby
+        # never acts beside it; if it does not finish in time, the Lease expires.
+        idle = service.close(timeout=SHUTDOWN_SECONDS)
         if elector:
-            elector.release()
+            if idle:
+                elector.release()
+            else:
+                elector.stop()
+                log.warning("work still running at exit: not releasing the Lease")
     return 0
 
 

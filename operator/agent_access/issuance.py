@@ -117,11 +117,32 @@ class Issuance:
     def schedule_expiry(self, uid: str, expires_at: datetime) -> None:
         raise NotImplementedError
 
-    def _write_status(self, task: Mapping[str, Any], status: Mapping[str, Any]) -> None:
+    def _write_status(
+        self, task: Mapping[str, Any], status: Mapping[str, Any], exists: bool = False
+    ) -> None:
+        """Write these status fields on this very task: a task that took its name since
+        is refused by the UID test, never written over.
+
+        A status that exists gets these fields (the others stay); a task without one
+        (as the caller saw it, unless it says `exists`) gets this as its whole status.
+        If the server's task differs from that view, the other form is tried once;
+        when both are refused (422), the UID did not match.
+        """
         meta = task["metadata"]
-        self.kube.merge_patch(
-            AGENT_TASKS, meta["namespace"], meta["name"], {"status": _compact(status)}, "status"
-        )
+        fields = _compact(status)
+        test = {"op": "test", "path": "/metadata/uid", "value": meta["uid"]}
+        each = [
+            test,
+            *({"op": "add", "path": f"/status/{k}", "value": v} for k, v in fields.items()),
+        ]
+        whole = [test, {"op": "add", "path": "/status", "value": fields}]
+        forms = [each, whole] if exists or task.get("status") else [whole, each]
+        try:
+            self.kube.json_patch(AGENT_TASKS, meta["namespace"], meta["name"], forms[0], "status")
+        except KubeError as exc:
+            if exc.status != 422:
+                raise
+            self.kube.json_patch(AGENT_TASKS, meta["namespace"], meta["name"], forms[1], "status")
 
     def _event(
         self,

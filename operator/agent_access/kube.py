@@ -356,15 +356,20 @@ class Kube:
         )
 
     def json_patch(
-        self, res: Resource, namespace: str | None, name: str, patch: Sequence[Mapping[str, Any]]
+        self,
+        res: Resource,
+        namespace: str | None,
+        name: str,
+        patch: Sequence[Mapping[str, Any]],
+        sub: str = "",
     ) -> dict[str, Any]:
         """RFC 6902 patch: its "test" operations make it conditional (422 if one fails)."""
         return self.request(
             "PATCH",
-            res.path(namespace, name),
-            body=patch,
+            res.path(namespace, name, sub),
+            body=list(patch),
             content_type="application/json-patch+json",
-            resource=res.plural,
+            resource=f"{res.plural}/{sub}" if sub else res.plural,
         )
 
     # -- domain helpers ----------------------------------------------------------

@@ -180,6 +180,10 @@ class LeaderElector:
             self.on_lost()
             return
 
+    def stop(self) -> None:
+        """Stop waiting for (or renewing) the Lease; `release` gives it up."""
+        self._stop.set()
+
     def release(self) -> None:
         """Give the Lease up on a clean shutdown, so a standby takes over at once."""
         self._stop.set()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import replace
@@ -136,15 +137,20 @@ class Service(Issuance):
     def _fire(self, uid: str) -> None:
         self.pool.submit(self.on_deadline, uid)
 
-    def close(self) -> None:
+    def close(self, timeout: float = 0.0) -> bool:
+        """Stop: no new work starts, queued work is dropped (a restart, or the next
+        leader, rebuilds everything from the cluster), and work already running gets
+        up to `timeout` seconds to finish. True if nothing runs any more."""
         self.cache.stop()
         self.deadlines.stop()
-        self.triggers.shutdown(wait=False, cancel_futures=True)
-        self.pool.shutdown(wait=False, cancel_futures=True)
-        self.decisions.shutdown(wait=False, cancel_futures=True)
-        self.cleanup.shutdown(wait=False, cancel_futures=True)
-        self.cpu.shutdown(wait=False, cancel_futures=True)
-        self.io.shutdown(wait=False, cancel_futures=True)
+        pools = [self.triggers, self.pool, self.decisions, self.cleanup, self.cpu, self.io]
+        for pool in pools:
+            pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + timeout
+        threads = [t for pool in pools for t in list(getattr(pool, "_threads", ()))]
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(t.is_alive() for t in threads)
 
     # -- the main reconcile ------------------------------------------------------------
 
@@ -379,7 +385,7 @@ class Service(Issuance):
         """Write an ended grant's status; on an API error, again shortly."""
         uid = stub["metadata"]["uid"]
         try:
-            self._write_status(stub, status)
+            self._write_status(stub, status, exists=True)
         except NotFound:
             pass
         except KubeError as exc:
@@ -563,7 +569,7 @@ class Service(Issuance):
         # The records a restart reads (it takes the earlier of the two): status, then
         # the identity's annotation; either one alone keeps the shorter deadline.
         for record in (
-            lambda: self._write_status(_stub(grant), {"expiresAt": until}),
+            lambda: self._write_status(_stub(grant), {"expiresAt": until}, exists=True),
             lambda: self.kube.merge_patch(
                 SERVICE_ACCOUNTS,
                 grant.namespace,
@@ -608,7 +614,7 @@ class Service(Issuance):
                     ended_at=st.rfc3339(self.clock()),
                 )
             )
-        self.ended.discard(uid)
+        self.ended.add(uid)  # being deleted: never decided again (DELETED forgets it)
 
     def on_task_gone(self, task: Mapping[str, Any]) -> None:
         """The task vanished without passing the finalizer (an admin removed it):

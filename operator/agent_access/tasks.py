@@ -15,8 +15,14 @@ else; docs/benchmarks.md has the before/after numbers.
 
 The finalizer `agentaccess.io/revoke` (added at admission, or here if the
 admission policies are off) holds a deleted task until its grant is revoked; it
-is removed with a conditional JSON patch (tested resourceVersion), never by
-rewriting whatever list someone else left.
+is removed with a conditional JSON patch (tested UID and value), never by
+rewriting whatever list someone else left. A task being deleted is revoked
+whatever its finalizers say, and once a task was seen being deleted no older
+version of it is ever handled again.
+
+A handling that fails (an API error, or anything else) is retried after 0.5 s,
+doubling to 10 s, with the task as the API server has it then, and only if no
+newer event of the task arrived meanwhile (that one was, or will be, handled).
 """
 
 from __future__ import annotations
@@ -54,6 +60,10 @@ def _stub(key: Key, value: TaskValue) -> dict[str, Any]:
     return {"metadata": {"namespace": key[0], "name": key[1], "uid": value[0]}}
 
 
+class _NotYet(Exception):
+    """The handling must be repeated later (e.g. a revocation is still retrying)."""
+
+
 class TaskWatch:
     def __init__(self, service: Service, namespaces: Sequence[str | None] | None = None):
         self.svc = service
@@ -74,8 +84,14 @@ class TaskWatch:
         self._latest: dict[str, tuple[str, Mapping[str, Any]]] = {}
         #: uids being handled by a thread right now.
         self._busy: set[str] = set()
-        #: uid -> (body, next retry delay) of tasks whose handling failed.
-        self._failed: dict[str, tuple[Mapping[str, Any], float]] = {}
+        #: uid -> events received (to tell whether a retry is stale).
+        self._seq: dict[str, int] = {}
+        #: (namespace, name) -> the uid of the task that holds the name.
+        self._uid_at: dict[Key, str] = {}
+        #: uids seen being deleted: no version without deletionTimestamp is handled after.
+        self._deleting: set[str] = set()
+        #: uid -> (namespace, name, next retry delay, events received at the failure).
+        self._failed: dict[str, tuple[str, str, float, int]] = {}
         #: Deleted tasks whose revocation is done but whose finalizer is not yet removed.
         self._revoked: set[str] = set()
         self._retries = Deadlines(self._retry)
@@ -104,25 +120,50 @@ class TaskWatch:
     def _event(self, kind: str, obj: Mapping[str, Any]) -> None:
         meta = obj.get("metadata") or {}
         uid = meta.get("uid")
-        if not uid:
+        if not uid or not isinstance(uid, str):
             return
+        key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+        with self._lock:
+            previous = self._uid_at.get(key)
+            if kind == "DELETED":
+                if previous == uid:
+                    del self._uid_at[key]
+            else:
+                self._uid_at[key] = uid
+        if previous and previous != uid and kind != "DELETED":
+            # The name holds another task now: the one before went while the watch was
+            # down (a relist reports only the name's new state). It is gone.
+            self._submit(previous, "DELETED", _stub(key, (previous, "")))
         if kind != "DELETED":
             self.svc.note_seen(obj)
+            if meta.get("deletionTimestamp"):
+                with self._lock:
+                    self._deleting.add(uid)
             if not self._needs_work(obj):
                 return
-        self._submit(str(uid), kind, obj)
+        self._submit(uid, kind, obj)
 
     def _needs_work(self, obj: Mapping[str, Any]) -> bool:
         meta = obj["metadata"]
-        finalizers = meta.get("finalizers") or ()
+        uid = meta["uid"]
+        finalizers = _finalizers(meta)
         if meta.get("deletionTimestamp"):
-            return FINALIZER in finalizers  # otherwise: the DELETED event will say
+            # Ours to remove, or a live grant to end whatever the finalizers say.
+            return FINALIZER in finalizers or self.svc.registry.get(uid) is not None
         if FINALIZER not in finalizers:
             return True
         return self.svc.has_work(obj) or self.svc.status_forged(obj)
 
-    def _submit(self, uid: str, kind: str, obj: Mapping[str, Any]) -> None:
+    def _submit(
+        self, uid: str, kind: str, obj: Mapping[str, Any], if_seq: int | None = None
+    ) -> None:
+        deleting = bool(obj["metadata"].get("deletionTimestamp"))
         with self._lock:
+            if if_seq is not None and self._seq.get(uid, 0) != if_seq:
+                return  # a newer event arrived: it was, or will be, handled
+            if kind != "DELETED" and not deleting and uid in self._deleting:
+                return  # an older version than one already seen being deleted
+            self._seq[uid] = self._seq.get(uid, 0) + 1
             self._latest[uid] = (kind, obj)
             if uid in self._busy:
                 return  # the thread handling it takes this body next
@@ -144,24 +185,29 @@ class TaskWatch:
                 if item is None:
                     self._busy.discard(uid)
                     return
+                seq = self._seq.get(uid, 0)
             kind, obj = item
+            meta = obj["metadata"]
             try:
                 self._handle(kind, obj)
-            except KubeError as exc:  # the API is struggling: again soon, not in a minute
-                meta = obj["metadata"]
-                log.warning(
-                    "handling %s/%s failed, retrying: %s",
-                    meta.get("namespace"),
-                    meta.get("name"),
-                    exc,
-                )
-                self._retry_later(uid, obj)
-            except Exception:
-                meta = obj["metadata"]
-                log.exception("handling %s/%s failed", meta.get("namespace"), meta.get("name"))
+            except Exception as exc:  # again soon, with the task as it is then
+                if isinstance(exc, (KubeError, _NotYet)):
+                    log.warning(
+                        "handling %s/%s failed, retrying: %s",
+                        meta.get("namespace"),
+                        meta.get("name"),
+                        exc,
+                    )
+                else:
+                    log.exception(
+                        "handling %s/%s failed, retrying", meta.get("namespace"), meta.get("name")
+                    )
+                if kind != "DELETED":
+                    self._retry_later(uid, meta, seq)
             else:
                 with self._lock:
-                    self._failed.pop(uid, None)
+                    if self._failed.get(uid, ("", "", 0.0, -1))[3] <= seq:
+                        self._failed.pop(uid, None)
 
     def _handle(self, kind: str, obj: Mapping[str, Any]) -> None:
         svc = self.svc
@@ -173,41 +219,52 @@ class TaskWatch:
             with self._lock:
                 self._revoked.discard(uid)
                 self._failed.pop(uid, None)
+                self._deleting.discard(uid)
+                self._seq.pop(uid, None)
+            self._retries.cancel(uid)
             return
         if meta.get("deletionTimestamp"):
-            if FINALIZER not in (meta.get("finalizers") or ()):
-                return
+            ours = FINALIZER in _finalizers(meta)
             if uid not in self._revoked:
                 with svc.metrics.timed("delete"):
                     svc.on_task_deleted(obj)
+                if svc.registry.get(uid) is not None:
+                    # The revocation failed (its own timer retries it): keep holding
+                    # the task until it is done.
+                    raise _NotYet("the grant is not revoked yet")
                 self._revoked.add(uid)
-            self._release(obj)
+            if ours:
+                self._release(obj)
             return
-        if FINALIZER not in (meta.get("finalizers") or ()):
-            self._hold(obj)
+        if FINALIZER not in _finalizers(meta) and not self._hold(obj):
+            return  # gone
         svc.restore_forged_status(obj)
         if svc.has_work(obj):
             with svc.metrics.timed("reconcile"):
                 svc.reconcile(obj)
 
-    def _hold(self, obj: Mapping[str, Any]) -> None:
-        """Add the finalizer (admission did not): only to the very version handled."""
+    def _hold(self, obj: Mapping[str, Any]) -> bool:
+        """Add the finalizer (admission did not): only to the very version handled.
+        False if the task is gone."""
         meta = obj["metadata"]
         patch: list[dict[str, Any]] = [
             {"op": "test", "path": "/metadata/uid", "value": meta["uid"]},
             {"op": "test", "path": "/metadata/resourceVersion", "value": meta["resourceVersion"]},
         ]
-        if meta.get("finalizers"):
+        if _finalizers(meta):
             patch.append({"op": "add", "path": "/metadata/finalizers/-", "value": FINALIZER})
         else:
             patch.append({"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]})
-        with contextlib.suppress(NotFound):
+        try:
             self.svc.kube.json_patch(AGENT_TASKS, meta["namespace"], meta["name"], patch)
+        except NotFound:
+            return False
+        return True
 
     def _release(self, obj: Mapping[str, Any]) -> None:
         """Remove our finalizer, and only it, from the version handled."""
         meta = obj["metadata"]
-        index = list(meta.get("finalizers") or ()).index(FINALIZER)
+        index = _finalizers(meta).index(FINALIZER)
         patch = [
             {"op": "test", "path": "/metadata/uid", "value": meta["uid"]},
             {"op": "test", "path": f"/metadata/finalizers/{index}", "value": FINALIZER},
@@ -218,18 +275,37 @@ class TaskWatch:
 
     # -- retries ----------------------------------------------------------------------
 
-    def _retry_later(self, uid: str, obj: Mapping[str, Any]) -> None:
+    def _retry_later(self, uid: str, meta: Mapping[str, Any], seq: int) -> None:
         with self._lock:
-            delay = self._failed[uid][1] if uid in self._failed else RETRY_FIRST
-            self._failed[uid] = (obj, min(delay * 2, RETRY_MAX))
+            delay = self._failed[uid][2] if uid in self._failed else RETRY_FIRST
+            ns, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
+            self._failed[uid] = (ns, name, min(delay * 2, RETRY_MAX), seq)
         self._retries.schedule(uid, datetime.now(UTC) + timedelta(seconds=delay))
 
     def _retry(self, uid: str) -> None:
-        """Handle a failed task again (on the timer thread: no I/O). A newer version
-        the watch delivered meanwhile was handled, or is queued, already; a deletion
-        ends the retries."""
+        """On the timer thread: no I/O here."""
+        with contextlib.suppress(RuntimeError):  # shutting down
+            self.svc.pool.submit(self._refetch, uid)
+
+    def _refetch(self, uid: str) -> None:
+        """Handle a failed task again, as the API server has it now, unless a newer
+        event of it arrived meanwhile (that one was, or will be, handled)."""
         with self._lock:
             found = self._failed.get(uid)
-            if found is None or uid in self._latest:
+            if found is None or self._seq.get(uid, 0) != found[3]:
                 return
-        self._submit(uid, "MODIFIED", found[0])
+        namespace, name, delay, seq = found
+        try:
+            fresh = self.svc.kube.get(AGENT_TASKS, namespace, name)
+        except KubeError:
+            self._retries.schedule(uid, datetime.now(UTC) + timedelta(seconds=delay))
+            return
+        if fresh is None or fresh["metadata"].get("uid") != uid:
+            self._submit(uid, "DELETED", _stub((namespace, name), (uid, "")), if_seq=seq)
+        else:
+            self._submit(uid, "MODIFIED", fresh, if_seq=seq)
+
+
+def _finalizers(meta: Mapping[str, Any]) -> list[str]:
+    found = meta.get("finalizers")
+    return [f for f in found if isinstance(f, str)] if isinstance(found, list) else []

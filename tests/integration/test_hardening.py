@@ -395,6 +395,25 @@ def test_a_stripped_finalizer_is_put_back_and_only_ours_is_ever_removed(world, o
     wait_for(lambda: world.kube.get(AGENT_TASKS, agents, name) is None, 5, what="task gone")
 
 
+def test_a_foreign_finalizer_in_place_of_ours_does_not_keep_a_grant_alive(world, operator):
+    """Our finalizer replaced by someone else's and the task deleted at once (before
+    the operator could put its own back): the grant is revoked anyway, and cancel would
+    have been too; the foreign finalizer is left alone."""
+    agents, target = scene(world)
+    task = active(world, agents, target)
+    name = task["metadata"]["name"]
+    client = as_token(world.kubeconfig, world.token(task))
+    world.kube.merge_patch(
+        AGENT_TASKS, agents, name, {"metadata": {"finalizers": ["example.com/keep"]}}
+    )
+    world.kube.delete(AGENT_TASKS, agents, name)
+    poll_status(lambda: list_pods_status(client, target), {401, 403}, 5)
+    wait_for(lambda: world.task_objects(task) == [], 5, what="no objects left")
+    assert world.get_task(agents, name)["metadata"]["finalizers"] == ["example.com/keep"]
+    world.kube.merge_patch(AGENT_TASKS, agents, name, {"metadata": {"finalizers": None}})
+    wait_for(lambda: world.kube.get(AGENT_TASKS, agents, name) is None, 5, what="task gone")
+
+
 def test_expiry_survives_a_restart_without_trusting_status(world, operator):
     agents, target = scene(world)
     task = active(world, agents, target, ttl="5s")

@@ -114,3 +114,28 @@ def test_an_edited_lease_does_not_freeze_the_replicas(world, solo):
     )
     record_timing("edited lease -> a replica leads again", time.monotonic() - edited)
     assert time.monotonic() - edited < 2 * LEASE_SECONDS + 4 * RETRY_SECONDS + 5
+
+
+def test_sigterm_stops_a_standby_at_once_and_a_leader_hands_over(world, solo):
+    """A standby told to stop does not linger (nor grab the Lease on its way out); a
+    leader told to stop finishes its work, then gives the Lease up, so a standby leads
+    well before the Lease would have expired."""
+    lease_ns = world.namespace("lease")
+    args = elect_args(lease_ns, unique("aao"))
+    first = solo(args=args)
+    wait_for(lambda: role(first) == "ok", 10, what="first instance leads")
+    second = solo(args=args)
+    assert role(second) == "standby"
+    started = time.monotonic()
+    second.stop()  # SIGTERM
+    assert time.monotonic() - started < 3
+    assert role(first) == "ok"
+
+    third = solo(args=args)
+    assert role(third) == "standby"
+    started = time.monotonic()
+    first.stop()  # SIGTERM: releases the Lease once idle
+    wait_for(lambda: role(third) == "ok", LEASE_SECONDS + 10, 0.05, what="handover")
+    handover = time.monotonic() - started
+    record_timing("leader SIGTERM -> standby leads", handover)
+    assert handover < LEASE_SECONDS, "the Lease was not given up: it had to expire"
