@@ -16,6 +16,8 @@ PROMETHEUS_DEB_VERSION="${PROMETHEUS_DEB_VERSION:-2.42.0+ds-5+deb12u1}"
 # The Prometheus Operator CRDs the chart targets (ServiceMonitor, PrometheusRule),
 # from its Go module, for install tests and schema validation.
 PROMETHEUS_OPERATOR_VERSION="${PROMETHEUS_OPERATOR_VERSION:-0.85.0}"
+# kubeconform (strict manifest validation in make test-chart), from the Go module proxy.
+KUBECONFORM_VERSION="${KUBECONFORM_VERSION:-0.8.0}"
 CACHE="${AAO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/agent-access-operator}"
 BIN="$CACHE/bin"
 export GOFLAGS="${GOFLAGS:--buildvcs=false} -trimpath"
@@ -26,6 +28,7 @@ ETCD_BIN="$BIN/etcd-v$ETCD_VERSION"
 HELM_BIN="$BIN/helm-v$HELM_VERSION"
 PROMTOOL_BIN="$BIN/promtool-${PROMETHEUS_DEB_VERSION//[+~:]/_}"
 PROMOP_CRDS="$BIN/prometheus-operator-crds-v$PROMETHEUS_OPERATOR_VERSION"
+KUBECONFORM_BIN="$BIN/kubeconform-v$KUBECONFORM_VERSION"
 
 log() { echo "build-binaries: $*" >&2; }
 
@@ -152,12 +155,21 @@ fetch_prometheus_operator_crds() {
   rm -rf "$PROMOP_CRDS"; mv "$PROMOP_CRDS.tmp" "$PROMOP_CRDS"
 }
 
+build_kubeconform() {
+  [ -x "$KUBECONFORM_BIN/kubeconform" ] && return 0
+  log "building kubeconform v$KUBECONFORM_VERSION"
+  mkdir -p "$KUBECONFORM_BIN.tmp"
+  GOBIN="$KUBECONFORM_BIN.tmp" go install -ldflags "-s -w" "github.com/yannh/kubeconform/cmd/kubeconform@v$KUBECONFORM_VERSION"
+  rm -rf "$KUBECONFORM_BIN"; mv "$KUBECONFORM_BIN.tmp" "$KUBECONFORM_BIN"
+}
+
 command -v go >/dev/null || { log "go is required to build the control-plane binaries"; exit 1; }
 build_etcd
 build_helm
 build_kubernetes
 fetch_promtool
 fetch_prometheus_operator_crds
+build_kubeconform
 if [ "${1:-}" = "--print" ]; then
-  echo "$K8S_BIN:$ETCD_BIN:$HELM_BIN:$PROMTOOL_BIN:$PROMOP_CRDS"
+  echo "$K8S_BIN:$ETCD_BIN:$HELM_BIN:$PROMTOOL_BIN:$PROMOP_CRDS:$KUBECONFORM_BIN"
 fi

@@ -16,7 +16,9 @@ SHUTDOWN_SECONDS = 10.0
 
 
 def _split(values: list[str] | None) -> list[str]:
-    return [v.strip() for item in values or () for v in item.split(",") if v.strip()]
+    """Repeatable, comma-separated values, each once, in order."""
+    found = [v.strip() for item in values or () for v in item.split(",") if v.strip()]
+    return list(dict.fromkeys(found))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,7 +188,7 @@ def audit_command(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     import signal
-    import threading
+    import time
 
     from .audit import AuditLog
     from .kube import Kube
@@ -221,24 +223,23 @@ def run(args: argparse.Namespace) -> int:
         # only into watched namespaces.
         guardrails = guardrails.extended(target_namespaces=namespaces)
     metrics, health = Metrics(), Health()
-    stop = threading.Event()
     elector = _leader_elector(args) if args.leader_elect else None
+    # Set by the signal handler, read by polling: a handler takes no lock (it runs on
+    # the main thread, which may hold the very lock it would wait for).
+    signalled: list[int] = []
 
-    def on_signal(*_: object) -> None:
-        stop.set()
-        if elector:
-            elector.stop()  # a standby stops waiting for the Lease
+    def stopping() -> bool:
+        return bool(signalled)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
+        signal.signal(sig, lambda signum, _frame: signalled.append(signum))
     serve(metrics, health, args.metrics_port, args.metrics_host)
     if elector:
         health.standby.set()
-        elector.wait_for_leadership()
-        health.standby.clear()
-        if stop.is_set():
+        if not elector.wait_for_leadership(should_stop=stopping):
             log.info("stopping before leading")
             return 0
+        health.standby.clear()
     # without election the single instance acts: it is the leader (no NoLeader alert)
     metrics.leader.set(1)
     # Connections for every thread that may call at once (decisions with their
@@ -251,26 +252,31 @@ def run(args: argparse.Namespace) -> int:
     watch = TaskWatch(service, namespaces or None)
     try:
         service.start()
-        watch.start()
-        if not watch.wait_synced(60):
-            log.warning("AgentTasks not listed after 60 s; still trying")
-        health.ready.set()
-        log.info("agent-access-operator is running")
-        while not stop.wait(1):
-            pass
+        if not stopping():
+            watch.start()
+            listed = time.monotonic() + 60
+            while not watch.wait_synced(0.2) and not stopping():
+                if time.monotonic() > listed:
+                    log.warning("AgentTasks not listed after 60 s; still trying")
+                    listed = float("inf")
+            health.ready.set()
+            log.info("agent-access-operator is running")
+        while not stopping():
+            time.sleep(0.2)
         log.info("stopping")
     finally:
         health.ready.clear()
         watch.stop()
-        # Work already running finishes before the Lease is given up, so a standby
-        # never acts beside it; if it does not finish in time, the Lease expires.
+        # The Lease is still renewed while the work already running finishes; only
+        # then is it given up, so a standby never acts beside this process. Work that
+        # does not finish in time dies with the process, and the Lease expires.
         idle = service.close(timeout=SHUTDOWN_SECONDS)
         if elector:
-            if idle:
-                elector.release()
-            else:
-                elector.stop()
-                log.warning("work still running at exit: not releasing the Lease")
+            if not idle:
+                log.warning("work still running after %.0f s: exiting now", SHUTDOWN_SECONDS)
+                logging.shutdown()
+                os._exit(1)
+            elector.release()
     return 0
 
 

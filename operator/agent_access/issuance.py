@@ -118,7 +118,11 @@ class Issuance:
         raise NotImplementedError
 
     def _write_status(
-        self, task: Mapping[str, Any], status: Mapping[str, Any], exists: bool = False
+        self,
+        task: Mapping[str, Any],
+        status: Mapping[str, Any],
+        exists: bool = False,
+        partial: bool = False,
     ) -> None:
         """Write these status fields on this very task: a task that took its name since
         is refused by the UID test, never written over.
@@ -126,7 +130,8 @@ class Issuance:
         A status that exists gets these fields (the others stay); a task without one
         (as the caller saw it, unless it says `exists`) gets this as its whole status.
         If the server's task differs from that view, the other form is tried once;
-        when both are refused (422), the UID did not match.
+        when both are refused (422), the UID did not match. A `partial` status (a few
+        fields of a status that must exist) is never written as the whole.
         """
         meta = task["metadata"]
         fields = _compact(status)
@@ -136,6 +141,9 @@ class Issuance:
             *({"op": "add", "path": f"/status/{k}", "value": v} for k, v in fields.items()),
         ]
         whole = [test, {"op": "add", "path": "/status", "value": fields}]
+        if partial:
+            self.kube.json_patch(AGENT_TASKS, meta["namespace"], meta["name"], each, "status")
+            return
         forms = [each, whole] if exists or task.get("status") else [whole, each]
         try:
             self.kube.json_patch(AGENT_TASKS, meta["namespace"], meta["name"], forms[0], "status")
@@ -385,8 +393,10 @@ class Issuance:
         )
         try:
             with lock:  # a revocation racing us writes its end after this, not before
-                if self.registry.get(uid) is plan:
-                    self._write_status(task, new_status)
+                current = self.registry.get(uid)
+                if current is not None:  # perhaps clamped meanwhile (maxTTL lowered)
+                    status = new_status if current is plan else self._active_status(task, current)
+                    self._write_status(task, status)
         except KubeError as exc:
             # The task went away or cannot record its grant: take everything back.
             log.warning("recording the grant of %s failed (%s); revoking", plan.ref, exc)

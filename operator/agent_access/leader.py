@@ -95,6 +95,7 @@ class LeaderElector:
         self._stop = threading.Event()
         self.monotonic: Callable[[], float] = time.monotonic
         self._observed: tuple[Any, ...] | None = None
+        self._renewal: threading.Thread | None = None
         self._observed_at = 0.0
 
     def try_acquire(self) -> bool:
@@ -143,20 +144,26 @@ class LeaderElector:
         self._observed, self._observed_at = _record(new_spec), self.monotonic()
         return True
 
-    def wait_for_leadership(self) -> None:
-        """Block until this instance holds the Lease, then keep renewing it."""
-        while not self._stop.is_set():
+    def wait_for_leadership(self, should_stop: Callable[[], bool] = lambda: False) -> bool:
+        """Block until this instance holds the Lease, then keep renewing it (True); or
+        until told to stop first (False). `should_stop` is polled, so a signal handler
+        can answer it without taking a lock."""
+        while not self._stop.is_set() and not should_stop():
             try:
                 if self.try_acquire():
                     break
             except KubeError as exc:
                 log.warning("leader election: %s", exc)
-            self._stop.wait(self.retry_seconds)
-        if self._stop.is_set():
-            return
+            deadline = time.monotonic() + self.retry_seconds
+            while time.monotonic() < deadline and not (self._stop.is_set() or should_stop()):
+                time.sleep(0.05)
+        else:
+            return False
         log.info("leader election: %s now leads %s/%s", self.identity, self.namespace, self.name)
         self.leading.set()
-        threading.Thread(target=self._renew, name="lease-renewal", daemon=True).start()
+        self._renewal = threading.Thread(target=self._renew, name="lease-renewal", daemon=True)
+        self._renewal.start()
+        return True
 
     def _renew(self) -> None:
         last = time.monotonic()
@@ -180,15 +187,13 @@ class LeaderElector:
             self.on_lost()
             return
 
-    def stop(self) -> None:
-        """Stop waiting for (or renewing) the Lease; `release` gives it up."""
-        self._stop.set()
-
     def release(self) -> None:
         """Give the Lease up on a clean shutdown, so a standby takes over at once."""
         self._stop.set()
         if not self.leading.is_set():
             return
+        if self._renewal is not None:  # no renewal in flight re-takes it after this
+            self._renewal.join(self.retry_seconds + 10)
         try:
             lease = self.kube.get(LEASES, self.namespace, self.name)
             if lease and (lease.get("spec") or {}).get("holderIdentity") == self.identity:

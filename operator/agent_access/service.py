@@ -172,11 +172,14 @@ class Service(Issuance):
         )
 
     def restore_forged_status(self, task: Mapping[str, Any]) -> None:
-        """Put back the status of a live grant that someone else marked as ended."""
+        """Put back the status of a live grant that someone else marked as ended (under
+        the grant's lock: a revocation racing it writes its end after, not before)."""
         if self.status_forged(task):
-            grant = self.registry.get(task["metadata"]["uid"])
-            if grant is not None:
-                self._restore_status(task, grant)
+            uid = task["metadata"]["uid"]
+            with self.registry.lock(uid):
+                grant = self.registry.get(uid)
+                if grant is not None:
+                    self._restore_status(task, grant)
 
     def forget(self, uid: str) -> None:
         """The task is gone for good: drop what was kept about it."""
@@ -569,7 +572,7 @@ class Service(Issuance):
         # The records a restart reads (it takes the earlier of the two): status, then
         # the identity's annotation; either one alone keeps the shorter deadline.
         for record in (
-            lambda: self._write_status(_stub(grant), {"expiresAt": until}, exists=True),
+            lambda: self._write_status(_stub(grant), {"expiresAt": until}, partial=True),
             lambda: self.kube.merge_patch(
                 SERVICE_ACCOUNTS,
                 grant.namespace,

@@ -28,6 +28,7 @@ newer event of the task arrived meanwhile (that one was, or will be, handled).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -84,16 +85,23 @@ class TaskWatch:
         self._latest: dict[str, tuple[str, Mapping[str, Any]]] = {}
         #: uids being handled by a thread right now.
         self._busy: set[str] = set()
-        #: uid -> events received (to tell whether a retry is stale).
+        #: uid -> number of its newest event, from one counter for all (so a number is
+        #: never reused): tells whether a retry is stale.
         self._seq: dict[str, int] = {}
+        self._counter = itertools.count(1)
         #: (namespace, name) -> the uid of the task that holds the name.
         self._uid_at: dict[Key, str] = {}
         #: uids seen being deleted: no version without deletionTimestamp is handled after.
         self._deleting: set[str] = set()
         #: uid -> (namespace, name, next retry delay, events received at the failure).
         self._failed: dict[str, tuple[str, str, float, int]] = {}
+        #: Deleted tasks whose deletion was handled (audit line, Event, revocation asked).
+        self._delete_handled: set[str] = set()
         #: Deleted tasks whose revocation is done but whose finalizer is not yet removed.
         self._revoked: set[str] = set()
+        #: Tasks whose handling failed with something other than an API error, logged
+        #: in full once.
+        self._logged: set[str] = set()
         self._retries = Deadlines(self._retry)
 
     # -- running --------------------------------------------------------------------
@@ -163,7 +171,7 @@ class TaskWatch:
                 return  # a newer event arrived: it was, or will be, handled
             if kind != "DELETED" and not deleting and uid in self._deleting:
                 return  # an older version than one already seen being deleted
-            self._seq[uid] = self._seq.get(uid, 0) + 1
+            self._seq[uid] = next(self._counter)
             self._latest[uid] = (kind, obj)
             if uid in self._busy:
                 return  # the thread handling it takes this body next
@@ -191,17 +199,12 @@ class TaskWatch:
             try:
                 self._handle(kind, obj)
             except Exception as exc:  # again soon, with the task as it is then
-                if isinstance(exc, (KubeError, _NotYet)):
-                    log.warning(
-                        "handling %s/%s failed, retrying: %s",
-                        meta.get("namespace"),
-                        meta.get("name"),
-                        exc,
-                    )
+                where = f"{meta.get('namespace')}/{meta.get('name')}"
+                if isinstance(exc, (KubeError, _NotYet)) or uid in self._logged:
+                    log.warning("handling %s failed, retrying: %s", where, exc)
                 else:
-                    log.exception(
-                        "handling %s/%s failed, retrying", meta.get("namespace"), meta.get("name")
-                    )
+                    self._logged.add(uid)
+                    log.exception("handling %s failed, retrying", where)
                 if kind != "DELETED":
                     self._retry_later(uid, meta, seq)
             else:
@@ -214,20 +217,26 @@ class TaskWatch:
         meta = obj["metadata"]
         uid = str(meta["uid"])
         if kind == "DELETED":  # also when someone else removed the finalizer
-            svc.on_task_gone(obj)
-            svc.forget(uid)
-            with self._lock:
-                self._revoked.discard(uid)
-                self._failed.pop(uid, None)
-                self._deleting.discard(uid)
-                self._seq.pop(uid, None)
-            self._retries.cancel(uid)
+            try:
+                svc.on_task_gone(obj)
+            finally:  # whatever happened, nothing is kept about a task that is gone
+                svc.forget(uid)
+                with self._lock:
+                    self._revoked.discard(uid)
+                    self._delete_handled.discard(uid)
+                    self._logged.discard(uid)
+                    self._failed.pop(uid, None)
+                    self._deleting.discard(uid)
+                    self._seq.pop(uid, None)
+                self._retries.cancel(uid)
             return
         if meta.get("deletionTimestamp"):
             ours = FINALIZER in _finalizers(meta)
             if uid not in self._revoked:
-                with svc.metrics.timed("delete"):
-                    svc.on_task_deleted(obj)
+                if uid not in self._delete_handled:  # once: one audit line, one Event
+                    with svc.metrics.timed("delete"):
+                        svc.on_task_deleted(obj)
+                    self._delete_handled.add(uid)
                 if svc.registry.get(uid) is not None:
                     # The revocation failed (its own timer retries it): keep holding
                     # the task until it is done.
@@ -288,6 +297,12 @@ class TaskWatch:
             self.svc.pool.submit(self._refetch, uid)
 
     def _refetch(self, uid: str) -> None:
+        try:
+            self._refetch_now(uid)
+        except Exception:
+            log.exception("retrying task %s failed", uid)
+
+    def _refetch_now(self, uid: str) -> None:
         """Handle a failed task again, as the API server has it now, unless a newer
         event of it arrived meanwhile (that one was, or will be, handled)."""
         with self._lock:

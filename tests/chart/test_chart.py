@@ -407,3 +407,88 @@ def test_alerts_fire_when_they_must_and_only_then(tmp_path):
     assert check.returncode == 0, check.stdout + check.stderr
     result = subprocess.run([promtool, "test", "rules", str(tests)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _tool(name: str) -> str:
+    found = subprocess.run(
+        [str(ROOT / "hack" / "build-binaries.sh"), "--print"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    for folder in found.splitlines()[-1].split(":"):
+        if (Path(folder) / name).exists():
+            return str(Path(folder) / name)
+    raise AssertionError(f"{name} not built: run make binaries")
+
+
+@pytest.fixture(scope="module")
+def server_schemas() -> Path:
+    """JSON schemas from the local API server's /openapi/v3 with our CRDs and the
+    Prometheus Operator's installed: generated once per version and CRD contents,
+    cached with the binaries."""
+    import hashlib
+    import sys
+
+    crds = sorted((ROOT / "crds").glob("*.yaml"))
+    promop = [
+        _tool(f"monitoring.coreos.com_{k}.yaml") for k in ("servicemonitors", "prometheusrules")
+    ]
+    digest = hashlib.sha256(K8S.encode())
+    for path in [*crds, *map(Path, promop), ROOT / "hack" / "openapi_schemas.py"]:
+        digest.update(path.read_bytes())
+    out = Path(_tool("kubeconform")).parents[1] / f"schemas-{K8S}-{digest.hexdigest()[:16]}"
+    if (out / "done").exists():
+        return out
+    sys.path.insert(0, str(ROOT / "hack"))
+    import controlplane
+
+    from tests.integration.cluster import apply_crds
+
+    kubectl = str(Path(sys.executable).with_name("kubectl"))
+    with controlplane.temporary("aao-schemas-") as kubeconfig:
+        apply_crds(kubeconfig)
+        env = dict(os.environ, KUBECONFIG=kubeconfig)
+        for crd in promop:
+            subprocess.run(
+                [kubectl, "apply", "--server-side", "-f", crd],
+                check=True,
+                env=env,
+                stdout=subprocess.DEVNULL,
+            )
+        subprocess.run(
+            [kubectl, "wait", "--for", "condition=established", "crd", "--all", "--timeout=60s"],
+            check=True,
+            env=env,
+            stdout=subprocess.DEVNULL,
+        )
+        subprocess.run(
+            [sys.executable, str(ROOT / "hack" / "openapi_schemas.py"), kubeconfig, str(out)],
+            check=True,
+        )
+    (out / "done").write_text("")
+    import shutil
+
+    for stale in out.parent.glob(f"schemas-{K8S}-*"):
+        if stale != out:
+            shutil.rmtree(stale, ignore_errors=True)
+    return out
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_kubeconform_strict_against_the_live_servers_schemas(name, tmp_path, server_schemas):
+    """Every rendered object (the helm test Pod, ServiceMonitor and PrometheusRule
+    included) against schemas generated from the API server it targets, strictly:
+    no unknown field anywhere, no kind the server would not know."""
+    out = tmp_path / "rendered.yaml"
+    out.write_text(render(*VALUE_SETS[name]))
+    location = (
+        str(server_schemas) + "/{{ .Group }}_{{ .ResourceKind }}_{{ .ResourceAPIVersion }}.json"
+    )
+    result = subprocess.run(
+        [_tool("kubeconform"), "-strict", "-summary", "-schema-location", location, str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Skipped: 0" in result.stdout or "skipped: 0" in result.stdout.lower(), result.stdout

@@ -116,3 +116,30 @@ def test_a_live_grant_is_revoked_on_deletion_whatever_the_finalizers_say():
     finally:
         watch.stop()
         svc.close()
+
+
+def test_a_deletion_retried_after_a_failed_revocation_is_recorded_once():
+    """The revocation of a deleted task fails (the service's own timer retries it):
+    the task stays held; when the retry finds the grant gone, the finalizer is
+    released, and the deletion was audited and evented once, not twice."""
+    svc, calls = service()
+    state = {"live": True}
+    deleted: list[str] = []
+    svc.registry.get = lambda uid: object() if state["live"] else None  # type: ignore[method-assign]
+    svc.on_task_deleted = lambda task: deleted.append(task["metadata"]["uid"])  # type: ignore[method-assign]
+    deleting = body("u1", "4", deleting=True)
+    svc.kube.get.return_value = deleting
+    watch = TaskWatch(svc)
+    try:
+        watch._event("MODIFIED", deleting)
+        settle(watch)
+        assert deleted == ["u1"] and not [c for c in calls if c[0] == "json_patch"]
+        state["live"] = False  # the service's timer revoked it meanwhile
+        time.sleep(1.0)  # past the retry (0.5 s)
+        settle(watch)
+        assert deleted == ["u1"]
+        released = [c for c in calls if c[0] == "json_patch"]
+        assert len(released) == 1 and released[0][1][-1]["op"] == "remove"
+    finally:
+        watch.stop()
+        svc.close()
