@@ -18,6 +18,8 @@ PROMETHEUS_DEB_VERSION="${PROMETHEUS_DEB_VERSION:-2.42.0+ds-5+deb12u1}"
 PROMETHEUS_OPERATOR_VERSION="${PROMETHEUS_OPERATOR_VERSION:-0.85.0}"
 # kubeconform (strict manifest validation in make test-chart), from the Go module proxy.
 KUBECONFORM_VERSION="${KUBECONFORM_VERSION:-0.8.0}"
+# checkov (policy checks on the rendered chart), from PyPI into a virtualenv of its own.
+CHECKOV_VERSION="${CHECKOV_VERSION:-3.3.30}"
 CACHE="${AAO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/agent-access-operator}"
 BIN="$CACHE/bin"
 export GOFLAGS="${GOFLAGS:--buildvcs=false} -trimpath"
@@ -29,6 +31,7 @@ HELM_BIN="$BIN/helm-v$HELM_VERSION"
 PROMTOOL_BIN="$BIN/promtool-${PROMETHEUS_DEB_VERSION//[+~:]/_}"
 PROMOP_CRDS="$BIN/prometheus-operator-crds-v$PROMETHEUS_OPERATOR_VERSION"
 KUBECONFORM_BIN="$BIN/kubeconform-v$KUBECONFORM_VERSION"
+CHECKOV_VENV="$BIN/checkov-v$CHECKOV_VERSION"
 
 log() { echo "build-binaries: $*" >&2; }
 
@@ -163,6 +166,15 @@ build_kubeconform() {
   rm -rf "$KUBECONFORM_BIN"; mv "$KUBECONFORM_BIN.tmp" "$KUBECONFORM_BIN"
 }
 
+install_checkov() {
+  [ -f "$CHECKOV_VENV/.installed" ] && return 0
+  log "installing checkov $CHECKOV_VERSION"
+  rm -rf "$CHECKOV_VENV"  # a virtualenv cannot be moved: made in place, marked when done
+  python3 -m venv "$CHECKOV_VENV"
+  "$CHECKOV_VENV/bin/pip" install -q "checkov==$CHECKOV_VERSION" >&2
+  touch "$CHECKOV_VENV/.installed"
+}
+
 command -v go >/dev/null || { log "go is required to build the control-plane binaries"; exit 1; }
 build_etcd
 build_helm
@@ -170,6 +182,7 @@ build_kubernetes
 fetch_promtool
 fetch_prometheus_operator_crds
 build_kubeconform
+install_checkov
 if [ "${1:-}" = "--print" ]; then
-  echo "$K8S_BIN:$ETCD_BIN:$HELM_BIN:$PROMTOOL_BIN:$PROMOP_CRDS:$KUBECONFORM_BIN"
+  echo "$K8S_BIN:$ETCD_BIN:$HELM_BIN:$PROMTOOL_BIN:$PROMOP_CRDS:$KUBECONFORM_BIN:$CHECKOV_VENV/bin"
 fi
