@@ -175,6 +175,7 @@ VALUE_SETS = {
         "--set",
         "watchNamespaces={agents,payments,shop}",
     ],
+    "no-admission-policies": ["--set", "admissionPolicies.enabled=false"],
     "monitoring": [
         "--set",
         "metrics.serviceMonitor.enabled=true",
