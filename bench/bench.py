@@ -317,13 +317,8 @@ class Bench:
 
     # -- the floors -------------------------------------------------------------------------
 
-    def floor_sync_once(self) -> tuple[float, float]:
-        """What a synchronous broker does (Vault's Kubernetes secrets engine): Role,
-        RoleBinding, ServiceAccount, TokenRequest, one after the other from a raw
-        client, then the first allowed request. Also one RoleBinding DELETE round trip
-        (the least any revocation costs). Returns (grant, delete) seconds."""
-        ns, name = self.agents, self.name("sync")
-        start = time.monotonic()
+    def role_and_binding(self, name: str) -> None:
+        """A Role reading pods in the target namespace, bound to ServiceAccount `name`."""
         self.kube.create(ROLES, self.target, {"metadata": {"name": name}, "rules": READ})
         self.kube.create(
             ROLE_BINDINGS,
@@ -331,9 +326,18 @@ class Bench:
             {
                 "metadata": {"name": name},
                 "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
+                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": self.agents}],
             },
         )
+
+    def floor_sync_once(self) -> tuple[float, float]:
+        """What a synchronous broker does (Vault's Kubernetes secrets engine): Role,
+        RoleBinding, ServiceAccount, TokenRequest, one after the other from a raw
+        client, then the first allowed request. Also one RoleBinding DELETE round trip
+        (the least any revocation costs). Returns (grant, delete) seconds."""
+        ns, name = self.agents, self.name("sync")
+        start = time.monotonic()
+        self.role_and_binding(name)
         self.kube.create(SERVICE_ACCOUNTS, ns, {"metadata": {"name": name}})
         token, _ = self.kube.request_token(ns, name, 600, (), None)
         client = self.client(token)
@@ -350,16 +354,7 @@ class Bench:
         ns, name = self.agents, self.name("floor")
         start = time.monotonic()
         self.kube.create(SERVICE_ACCOUNTS, ns, {"metadata": {"name": name}})
-        self.kube.create(ROLES, self.target, {"metadata": {"name": name}, "rules": READ})
-        self.kube.create(
-            ROLE_BINDINGS,
-            self.target,
-            {
-                "metadata": {"name": name},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": ns}],
-            },
-        )
+        self.role_and_binding(name)
         secret = self.kube.create(SECRETS, ns, {"metadata": {"name": name}, "data": {}})
         token, _ = self.kube.request_token(
             ns,

@@ -387,15 +387,7 @@ def test_every_crd_field_has_a_description():
 def test_alerts_fire_when_they_must_and_only_then(tmp_path):
     """promtool (Debian's prometheus package, cached by hack/build-binaries.sh) runs the
     rule unit tests in alerts_test.yaml against the rendered PrometheusRule."""
-    promtool = os.environ.get("PROMTOOL") or str(Path(HELM).parents[1] / "promtool")
-    if not os.path.exists(promtool):
-        found = subprocess.run(
-            [str(ROOT / "hack" / "build-binaries.sh"), "--print"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        promtool = next(p for p in found.split(":") if "promtool" in p) + "/promtool"
+    promtool = _tool("promtool")
     rendered = docs(render("--set", "metrics.prometheusRule.enabled=true"))
     rule = next(d for d in rendered if d["kind"] == "PrometheusRule")
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))

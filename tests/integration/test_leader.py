@@ -43,13 +43,18 @@ def issued(op) -> float:
     return 0.0
 
 
-def test_only_the_leader_acts_and_a_standby_takes_over(world, solo):
-    lease_ns = world.namespace("lease")
-    args = elect_args(lease_ns, unique("aao"))
+def two_replicas(world, solo):
+    """Two instances on one Lease: the first leads, the second stands by."""
+    args = elect_args(world.namespace("lease"), unique("aao"))
     first = solo(args=args)
     wait_for(lambda: role(first) == "ok", 10, what="first instance leads")
     second = solo(args=args)
     assert role(second) == "standby"
+    return args, first, second
+
+
+def test_only_the_leader_acts_and_a_standby_takes_over(world, solo):
+    _, first, second = two_replicas(world, solo)
 
     agents = world.namespace("leader-agents")
     target = world.namespace("leader-target")
@@ -120,12 +125,7 @@ def test_sigterm_stops_a_standby_at_once_and_a_leader_hands_over(world, solo):
     """A standby told to stop does not linger (nor grab the Lease on its way out); a
     leader told to stop finishes its work, then gives the Lease up, so a standby leads
     well before the Lease would have expired."""
-    lease_ns = world.namespace("lease")
-    args = elect_args(lease_ns, unique("aao"))
-    first = solo(args=args)
-    wait_for(lambda: role(first) == "ok", 10, what="first instance leads")
-    second = solo(args=args)
-    assert role(second) == "standby"
+    args, first, second = two_replicas(world, solo)
     started = time.monotonic()
     second.stop()  # SIGTERM
     assert time.monotonic() - started < 3
