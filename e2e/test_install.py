@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.chart.test_chart import VALUE_SETS as CHART_SETS
 from tests.integration.cluster import ROOT, admin, wait_for, wait_for_admission, wait_for_storage
 
 sys.path.insert(0, str(ROOT / "hack"))
@@ -161,12 +162,7 @@ def test_install_yaml_and_the_examples_apply_on_a_fresh_cluster(fresh):
 
 VALUE_SETS = {
     "defaults": [],
-    "ha": [
-        "--set",
-        "replicaCount=2",
-        "--set",
-        "podDisruptionBudget.enabled=true",
-    ],
+    "ha": CHART_SETS["ha"],
     "limited": [
         "--set",
         "rbac.grantNamespaces={payments,shop}",
@@ -176,16 +172,7 @@ VALUE_SETS = {
         "watchNamespaces={agents,payments,shop}",
     ],
     "no-admission-policies": ["--set", "admissionPolicies.enabled=false"],
-    "monitoring": [
-        "--set",
-        "metrics.serviceMonitor.enabled=true",
-        "--set",
-        "metrics.prometheusRule.enabled=true",
-        "--set",
-        "metrics.grafanaDashboard.enabled=true",
-        "--set",
-        "networkPolicy.enabled=true",
-    ],
+    "monitoring": [*CHART_SETS["monitoring"], "--set", "networkPolicy.enabled=true"],
 }
 
 

@@ -518,20 +518,7 @@ def test_checkov_finds_only_what_was_judged(tmp_path):
 
     out = tmp_path / "render.yaml"
     out.write_text(
-        render(
-            "--set",
-            "replicaCount=2",
-            "--set",
-            "podDisruptionBudget.enabled=true",
-            "--set",
-            "networkPolicy.enabled=true",
-            "--set",
-            "metrics.serviceMonitor.enabled=true",
-            "--set",
-            "metrics.prometheusRule.enabled=true",
-            "--set",
-            "metrics.grafanaDashboard.enabled=true",
-        )
+        render(*VALUE_SETS["ha"], *VALUE_SETS["network-policy"], *VALUE_SETS["monitoring"])
     )
     result = subprocess.run(
         [_tool("checkov"), "-f", str(out), "--framework", "kubernetes", "-o", "json", "--quiet"],
