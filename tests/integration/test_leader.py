@@ -139,3 +139,46 @@ def test_sigterm_stops_a_standby_at_once_and_a_leader_hands_over(world, solo):
     handover = time.monotonic() - started
     record_timing("leader SIGTERM -> standby leads", handover)
     assert handover < LEASE_SECONDS, "the Lease was not given up: it had to expire"
+
+
+def test_a_leader_whose_work_outlives_the_grace_exits_without_giving_the_lease_up(
+    world, solo, kubeconfig, tmp_path
+):
+    """SIGTERM while a revocation is stuck (its RoleBinding DELETE held by a proxy):
+    the leader waits 10 s for it, then exits at once (status 1) and leaves the Lease
+    to expire, so no standby acts beside work still running; the next leader finishes
+    the revocation."""
+    from agent_access.kube import AGENT_TASKS
+    from agent_access.leader import LEASES
+
+    from .faultproxy import FaultProxy
+
+    proxy = FaultProxy(kubeconfig, tmp_path, rate=0.0)
+    lease_ns = world.namespace("lease")
+    lease_id = unique("aao")
+    args = elect_args(lease_ns, lease_id)
+    leader = solo(config=proxy.kubeconfig, args=args)
+    wait_for(lambda: role(leader) == "ok", 10, what="the instance leads")
+    agents = world.namespace("grace-agents")
+    target = world.namespace("grace-target")
+    world.service_account(agents, "bot")
+    world.policy(target, "read", [(agents, "bot")], READ)
+    name = unique("stuck")
+    world.task(agents, name, "bot", [{"namespace": target, "rules": READ}])
+    world.wait_phase(agents, name, "Active")
+    proxy.delays[("DELETE", "/rolebindings/")] = 30
+    world.kube.merge_patch(AGENT_TASKS, agents, name, {"spec": {"cancel": True}})
+    time.sleep(1)  # the revocation now waits on its RoleBinding DELETE
+    started = time.monotonic()
+    leader.stop()  # SIGTERM
+    took = time.monotonic() - started
+    assert leader.proc.returncode == 1, leader.proc.returncode
+    assert 9 < took < 14, took
+    lease = world.kube.get(LEASES, lease_ns, lease_id)
+    assert lease["spec"].get("holderIdentity"), "the Lease was given up with work running"
+    proxy.delays.clear()
+    successor = solo(args=args)
+    wait_for(lambda: role(successor) == "ok", LEASE_SECONDS + 15, 0.1, what="a new leader")
+    assert world.wait_phase(agents, name, "Cancelled", timeout=15)["status"]["reason"] == (
+        "Cancelled"
+    )
