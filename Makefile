@@ -13,7 +13,8 @@ IMAGE       ?= ghcr.io/agent-access/agent-access-operator:0.1.0
 K8S_VERSION ?= 1.37.2
 
 .PHONY: help install binaries controlplane-up controlplane-down crds manifests lint test \
-        test-unit test-chart test-integration e2e bench bench-quick profile soak demo run image clean
+        test-unit test-chart test-integration e2e bench bench-quick profile soak demo run image clean \
+        node-up node-down image-oci e2e-node
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-20s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -32,8 +33,25 @@ binaries: ## Build kube-apiserver, kube-controller-manager, etcd and helm from t
 controlplane-up: install binaries ## Start the local etcd + kube-apiserver; kubeconfig in .controlplane/
 	$(PY) hack/controlplane.py up
 
-controlplane-down: ## Stop the local control plane and remove its state
-	@if [ -x $(PY) ]; then $(PY) hack/controlplane.py down; else rm -rf .controlplane; fi
+controlplane-down: ## Stop the local control plane (and its node, if up) and remove its state
+	@if [ -x $(PY) ]; then [ ! -d .node ] || $(PY) hack/node.py down; \
+	  $(PY) hack/controlplane.py down; else rm -rf .controlplane .node; fi
+
+node-up: controlplane-up ## A real node joined to the local control plane: kubelet + containerd, kube-scheduler; imports dist/*.oci.tar
+	$(PY) hack/node.py up
+
+node-down: ## Stop the node and remove every trace of it from the host (fails if anything is left)
+	@if [ -x $(PY) ]; then $(PY) hack/node.py down; else rm -rf .node; fi
+
+VERSION     := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE_OCI   := dist/agent-access-operator-$(VERSION).oci.tar
+
+image-oci: install ## The operator image as an OCI archive in dist/, from Debian packages, without Docker
+	hack/image-oci.sh
+
+# rebuilt only when what goes into it changed (a warm `make e2e-node` skips it)
+$(IMAGE_OCI): $(VENV)/.installed pyproject.toml README.md hack/image-oci.sh hack/oci.py $(shell git ls-files operator)
+	hack/image-oci.sh
 
 crds: install ## Regenerate crds/ (and the chart's copy) from hack/gen_crds.py
 	$(PY) hack/gen_crds.py
@@ -62,6 +80,9 @@ test: lint test-unit test-chart test-integration ## ruff, unit, chart, then inte
 
 e2e: install binaries ## Chart e2e on the local control plane, under the chart's own identity
 	HELM=$(HELM) $(PY) -m pytest e2e -q -p no:randomly $(PYTEST_ARGS)
+
+e2e-node: install binaries $(IMAGE_OCI) ## The chart's Deployment on a real node: lifecycle e2e, real Pods, helm test
+	HELM=$(HELM) hack/e2e-node.sh
 
 demo: controlplane-up ## Run the operator on the local control plane with the example; watch a grant live and end
 	KUBECONFIG=$(KUBECONFIG_LOCAL) hack/demo.sh

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the local control-plane binaries (kube-apiserver, kube-controller-manager,
-# etcd, helm) from the Go module proxy, fetch promtool from Debian's prometheus
-# package, and cache them outside the repo, keyed by version.
+# etcd, helm; for the node: kubelet, kube-proxy, kube-scheduler, CoreDNS and a pause
+# binary) from the Go module proxy, fetch promtool from Debian's prometheus package,
+# and cache them outside the repo, keyed by version.
 # Prints nothing but progress on stderr; a second run with a warm cache is a no-op.
 #
 #   hack/build-binaries.sh            build what is missing
@@ -20,6 +21,9 @@ PROMETHEUS_OPERATOR_VERSION="${PROMETHEUS_OPERATOR_VERSION:-0.85.0}"
 KUBECONFORM_VERSION="${KUBECONFORM_VERSION:-0.8.0}"
 # checkov (policy checks on the rendered chart), from PyPI into a virtualenv of its own.
 CHECKOV_VERSION="${CHECKOV_VERSION:-3.3.30}"
+# CoreDNS (Service names for Pods on the local node), from its Go module with the
+# plugins hack/node/coredns.go selects.
+COREDNS_VERSION="${COREDNS_VERSION:-1.15.0}"
 CACHE="${AAO_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/agent-access-operator}"
 BIN="$CACHE/bin"
 export GOFLAGS="${GOFLAGS:--buildvcs=false} -trimpath"
@@ -36,7 +40,9 @@ CHECKOV_VENV="$BIN/checkov-v$CHECKOV_VERSION"
 log() { echo "build-binaries: $*" >&2; }
 
 # Kubernetes components built from the same k8s.io/kubernetes module, one version.
-K8S_COMPONENTS="${K8S_COMPONENTS:-kube-apiserver kube-controller-manager}"
+# kubelet, kube-proxy and kube-scheduler serve `make node-up` (a real node); built with the rest so
+# one module download serves all.
+K8S_COMPONENTS="${K8S_COMPONENTS:-kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy}"
 
 build_kubernetes() {
   local missing=""
@@ -166,6 +172,39 @@ build_kubeconform() {
   rm -rf "$KUBECONFORM_BIN"; mv "$KUBECONFORM_BIN.tmp" "$KUBECONFORM_BIN"
 }
 
+# The pod sandbox image's one binary: sleeps until signalled, reaps children.
+# Built from hack/node/pause.go (a few lines of Go, no dependencies).
+PAUSE_BIN="$BIN/pause-$(sha256sum "$(dirname "$0")/node/pause.go" | cut -c1-12)"
+COREDNS_BIN="$BIN/coredns-v$COREDNS_VERSION-$(sha256sum "$(dirname "$0")/node/coredns.go" | cut -c1-12)"
+build_coredns() {
+  [ -x "$COREDNS_BIN/coredns" ] && return 0
+  log "building coredns v$COREDNS_VERSION"
+  local started=$SECONDS
+  local mod; mod="$(mktemp -d)"
+  cp "$(dirname "$0")/node/coredns.go" "$mod/main.go"
+  printf 'module agentaccess.local/coredns\n\ngo 1.26\n' > "$mod/go.mod"
+  (
+    cd "$mod"
+    go get "github.com/coredns/coredns@v$COREDNS_VERSION" >&2
+    go mod tidy >&2
+    mkdir -p "$COREDNS_BIN.tmp"
+    go build -ldflags "-s -w" -o "$COREDNS_BIN.tmp/coredns" .
+  )
+  rm -rf "$COREDNS_BIN"; mv "$COREDNS_BIN.tmp" "$COREDNS_BIN"; rm -rf "$mod"
+  log "coredns built in $((SECONDS - started))s"
+}
+
+build_pause() {
+  [ -x "$PAUSE_BIN/pause" ] && return 0
+  log "building the pause binary"
+  local mod; mod="$(mktemp -d)"
+  cp "$(dirname "$0")/node/pause.go" "$mod/main.go"
+  printf 'module agentaccess.local/pause\n\ngo 1.26\n' > "$mod/go.mod"
+  mkdir -p "$PAUSE_BIN.tmp"
+  (cd "$mod" && go build -ldflags "-s -w" -o "$PAUSE_BIN.tmp/pause" .)
+  rm -rf "$PAUSE_BIN"; mv "$PAUSE_BIN.tmp" "$PAUSE_BIN"; rm -rf "$mod"
+}
+
 install_checkov() {
   [ -f "$CHECKOV_VENV/.installed" ] && return 0
   log "installing checkov $CHECKOV_VERSION"
@@ -183,6 +222,8 @@ fetch_promtool
 fetch_prometheus_operator_crds
 build_kubeconform
 install_checkov
+build_pause
+build_coredns
 if [ "${1:-}" = "--print" ]; then
-  echo "$K8S_BIN:$ETCD_BIN:$HELM_BIN:$PROMTOOL_BIN:$PROMOP_CRDS:$KUBECONFORM_BIN:$CHECKOV_VENV/bin"
+  echo "$K8S_BIN:$ETCD_BIN:$HELM_BIN:$PROMTOOL_BIN:$PROMOP_CRDS:$KUBECONFORM_BIN:$CHECKOV_VENV/bin:$PAUSE_BIN:$COREDNS_BIN"
 fi

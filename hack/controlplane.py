@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """A local Kubernetes control plane: etcd, kube-apiserver and kube-controller-manager
-(garbage collector, ServiceAccount token controller, namespace controller); no kubelet.
+(garbage collector, ServiceAccount token controller, namespace controller); no kubelet
+(`make node-up`, hack/node.py, joins one).
 
     python hack/controlplane.py up      # start (idempotent), write .controlplane/kubeconfig
     python hack/controlplane.py down    # stop and remove all state
@@ -47,6 +48,12 @@ READY_TIMEOUT = float(os.environ.get("AAO_CONTROLPLANE_TIMEOUT", "90"))
 #: rely on (owner references, legacy token Secrets, namespace deletion).
 CONTROLLERS = "garbagecollector,serviceaccount-token,namespace"
 PROCESSES = ("kube-controller-manager", "kube-apiserver", "etcd")  # stop order
+SERVICE_CIDR = "10.0.0.0/24"
+SERVICE_IP = "10.0.0.1"  # the `kubernetes` Service's ClusterIP (first of SERVICE_CIDR)
+KUBELET_CLIENT = "kube-apiserver-kubelet-client"
+#: where a node (hack/node.py, in a network namespace of its own) reaches this API
+#: server: the host end of its link, forwarded to the loopback port
+NODE_HOST_IP = "10.213.0.1"
 
 
 def log(msg: str) -> None:
@@ -150,7 +157,13 @@ def make_pki(d: Path) -> dict[str, Path]:
         sans=[
             x509.DNSName("localhost"),
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            # the `kubernetes` Service, as Pods on a node (hack/node.py) reach it
+            x509.IPAddress(ipaddress.ip_address(SERVICE_IP)),
+            x509.IPAddress(ipaddress.ip_address(NODE_HOST_IP)),
+            x509.DNSName("kubernetes"),
+            x509.DNSName("kubernetes.default"),
             x509.DNSName("kubernetes.default.svc"),
+            x509.DNSName("kubernetes.default.svc.cluster.local"),
         ],
     )
 
@@ -162,8 +175,15 @@ def make_pki(d: Path) -> dict[str, Path]:
 
     adm_key, adm = client("admin", "system:masters")
     kcm_key, kcm = client("system:kube-controller-manager")
+    # the API server's identity towards kubelets (logs, exec); bound to
+    # system:kubelet-api-admin when a node joins
+    kubelet_client_key, kubelet_client = client(KUBELET_CLIENT)
     files = {
         "ca.crt": ca.public_bytes(pem),
+        # kept so that a node (hack/node.py) gets certificates from the same CA
+        "ca.key": _pem_key(ca_key),
+        "kubelet-client.crt": kubelet_client.public_bytes(pem),
+        "kubelet-client.key": _pem_key(kubelet_client_key),
         "kube-controller-manager.crt": kcm.public_bytes(pem),
         "kube-controller-manager.key": _pem_key(kcm_key),
         "apiserver.crt": srv.public_bytes(pem),
@@ -260,6 +280,16 @@ def stop_apiserver(state: dict) -> None:
     end = time.monotonic() + 10
     while alive(pid) and time.monotonic() < end:
         time.sleep(0.05)
+    # a multi-threaded process's leader turns zombie before its last thread lets the
+    # listening socket go: wait until the port can be bound again
+    port = int(state["server"].rsplit(":", 1)[1])
+    while time.monotonic() < end:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                time.sleep(0.05)
 
 
 def start_apiserver(state: dict) -> None:
@@ -352,11 +382,17 @@ def up() -> dict:
         f"--tls-cert-file={pki['apiserver.crt']}",
         f"--tls-private-key-file={pki['apiserver.key']}",
         f"--client-ca-file={pki['ca.crt']}",
-        "--authorization-mode=RBAC",
+        # Node: a kubelet (hack/node.py) reads only what its own Pods use
+        "--authorization-mode=Node,RBAC",
+        "--enable-admission-plugins=NodeRestriction",
+        f"--kubelet-client-certificate={pki['kubelet-client.crt']}",
+        f"--kubelet-client-key={pki['kubelet-client.key']}",
+        f"--kubelet-certificate-authority={pki['ca.crt']}",
+        "--kubelet-preferred-address-types=InternalIP",
         "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
         f"--service-account-key-file={pki['sa.key']}",
         f"--service-account-signing-key-file={pki['sa.key']}",
-        "--service-cluster-ip-range=10.0.0.0/24",
+        f"--service-cluster-ip-range={SERVICE_CIDR}",
         "--allow-privileged=true",
         "--disable-admission-plugins=ServiceAccount",
         "--endpoint-reconciler-type=none",
