@@ -37,9 +37,16 @@ NAMESPACE = "agent-access-system"
 CHART = ROOT / "charts" / "agent-access-operator"
 HELM = os.environ.get("HELM", "helm")
 IN_CLUSTER = os.environ.get("E2E_IN_CLUSTER") == "1"
+#: a real node runs Pods (make e2e-node): the chart's Deployment, the agents' Pods
+ON_NODE = os.environ.get("E2E_NODE") == "1"
 
+collect_ignore = []
 if IN_CLUSTER:  # the RBAC-removal test restarts a local process; in-cluster runs the lifecycle
-    collect_ignore = ["test_chart_rbac.py"]
+    collect_ignore.append("test_chart_rbac.py")
+if not ON_NODE:  # Pods that really run need a kubelet
+    collect_ignore.append("test_node.py")
+if os.environ.get("E2E_KUBECONFIG"):  # install tests start API servers of their own
+    collect_ignore.append("test_install.py")
 
 
 @pytest.fixture(scope="session")
@@ -59,14 +66,15 @@ def helm(kubeconfig: str, *args: str) -> str:
 
 @pytest.fixture(scope="session")
 def release(kubeconfig):
-    """helm install, as a platform team would (no --wait: no kubelet runs the pod here)."""
+    """helm install, as a platform team would (--wait only where a kubelet runs the pod)."""
     values = [
         "--set",
         f"image.repository={os.environ.get('E2E_IMAGE_REPO', 'agent-access-operator')}",
         "--set",
         f"image.tag={os.environ.get('E2E_IMAGE_TAG', 'e2e')}",
         "--set",
-        "image.pullPolicy=IfNotPresent",
+        f"image.pullPolicy={os.environ.get('E2E_PULL_POLICY', 'IfNotPresent')}",
+        *(["--wait", "--timeout", "180s"] if ON_NODE else []),
     ]
     helm(
         kubeconfig,
@@ -148,10 +156,18 @@ class ChartOperator:
             admin_lease_reset()
 
 
+class InClusterOperator:
+    """The chart's Deployment is the operator; tests get a kubeconfig of its identity."""
+
+    def __init__(self, kubeconfig: str, manifest: list[dict], workdir: Path):
+        sa, _ = chart_args(manifest)
+        self.kubeconfig = token_kubeconfig(kubeconfig, NAMESPACE, sa, workdir / "op.kubeconfig")
+
+
 @pytest.fixture(scope="session")
 def chart_operator(kubeconfig, release, tmp_path_factory):
     if IN_CLUSTER:
-        yield None
+        yield InClusterOperator(kubeconfig, release, tmp_path_factory.mktemp("in-cluster"))
         return
     op = ChartOperator(kubeconfig, release, tmp_path_factory.mktemp("chart-operator"))
     op.start()

@@ -31,11 +31,6 @@ CHART = ROOT / "charts" / "agent-access-operator"
 HELM = os.environ.get("HELM", "helm")
 KUBECTL = str(Path(sys.executable).with_name("kubectl"))
 
-pytestmark = pytest.mark.skipif(
-    bool(os.environ.get("E2E_KUBECONFIG")),
-    reason="starts an API server of its own: only with the local control plane",
-)
-
 
 @pytest.fixture(scope="module")
 def fresh():

@@ -187,6 +187,9 @@ class World:
                 "spec": {
                     "serviceAccountName": sa,
                     "automountServiceAccountToken": False,
+                    # never scheduled, so where a node runs (make e2e-node) no kubelet
+                    # owns its status: tests set the phase themselves
+                    "schedulingGates": [{"name": "agentaccess.io/phase-set-by-test"}],
                     "containers": [{"name": "agent", "image": "registry.example/agent:1"}],
                 },
             },
