@@ -14,7 +14,7 @@ K8S_VERSION ?= 1.37.2
 
 .PHONY: help install binaries controlplane-up controlplane-down crds manifests lint test \
         test-unit test-chart test-integration e2e bench bench-quick profile soak demo run image clean \
-        node-up node-down image-oci e2e-node
+        node-up node-down node-prerequisites image-oci e2e-node
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z0-9_-]+:.*## / {printf "  %-20s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -39,6 +39,9 @@ controlplane-down: ## Stop the local control plane (and its node, if up) and rem
 
 node-up: controlplane-up ## A real node joined to the local control plane: kubelet + containerd, kube-scheduler; imports dist/*.oci.tar
 	$(PY) hack/node.py up
+
+node-prerequisites: install ## Install the Debian packages node-up and image-oci need (containerd, runc, CNI plugins, ...)
+	$(PY) hack/node.py prerequisites
 
 node-down: ## Stop the node and remove every trace of it from the host (fails if anything is left)
 	@if [ -x $(PY) ]; then $(PY) hack/node.py down; else rm -rf .node; fi

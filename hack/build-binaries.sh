@@ -91,19 +91,29 @@ GOMOD
   log "built$missing in $((SECONDS - started))s"
 }
 
-build_etcd() {
-  [ -x "$ETCD_BIN/etcd" ] && return 0
-  local mod; mod="$(mktemp -d)"
-  log "building etcd v$ETCD_VERSION in $mod"
-  local started=$SECONDS
+# go_main DIR NAME SOURCE [MODULE@VERSION]: build the one main package in SOURCE into
+# DIR/NAME (skipped when there), with the module it imports from at that version.
+go_main() {
+  local dir="$1" name="$2" src="$3" dep="${4:-}"
+  [ -x "$dir/$name" ] && return 0
+  log "building $name${dep:+ from $dep}"
+  local started=$SECONDS mod
+  mod="$(mktemp -d)"
+  cp "$src" "$mod/main.go"
+  printf 'module agentaccess.local/%s\n\ngo 1.26\n' "$name" > "$mod/go.mod"
   (
     cd "$mod"
-    cat > go.mod <<GOMOD
-module agentaccess.local/etcd
+    if [ -n "$dep" ]; then go get "$dep" >&2 && go mod tidy >&2; fi
+    mkdir -p "$dir.tmp"
+    go build -ldflags "-s -w" -o "$dir.tmp/$name" .
+  )
+  rm -rf "$dir"; mv "$dir.tmp" "$dir"; rm -rf "$mod"
+  log "$name built in $((SECONDS - started))s"
+}
 
-go 1.26
-GOMOD
-    cat > main.go <<'GOSRC'
+build_etcd() {
+  local src; src="$(mktemp --suffix=.go)"
+  cat > "$src" <<'GOSRC'
 package main
 
 import (
@@ -114,13 +124,8 @@ import (
 
 func main() { etcdmain.Main(os.Args) }
 GOSRC
-    go get "go.etcd.io/etcd/server/v3@v$ETCD_VERSION" >&2
-    go mod tidy >&2
-    mkdir -p "$ETCD_BIN.tmp"
-    go build -ldflags "-s -w" -o "$ETCD_BIN.tmp/etcd" .
-  )
-  rm -rf "$ETCD_BIN"; mv "$ETCD_BIN.tmp" "$ETCD_BIN"; rm -rf "$mod"
-  log "etcd built in $((SECONDS - started))s"
+  go_main "$ETCD_BIN" etcd "$src" "go.etcd.io/etcd/server/v3@v$ETCD_VERSION"
+  rm -f "$src"
 }
 
 build_helm() {
@@ -172,37 +177,16 @@ build_kubeconform() {
   rm -rf "$KUBECONFORM_BIN"; mv "$KUBECONFORM_BIN.tmp" "$KUBECONFORM_BIN"
 }
 
-# The pod sandbox image's one binary: sleeps until signalled, reaps children.
-# Built from hack/node/pause.go (a few lines of Go, no dependencies).
-PAUSE_BIN="$BIN/pause-$(sha256sum "$(dirname "$0")/node/pause.go" | cut -c1-12)"
 COREDNS_BIN="$BIN/coredns-v$COREDNS_VERSION-$(sha256sum "$(dirname "$0")/node/coredns.go" | cut -c1-12)"
 build_coredns() {
-  [ -x "$COREDNS_BIN/coredns" ] && return 0
-  log "building coredns v$COREDNS_VERSION"
-  local started=$SECONDS
-  local mod; mod="$(mktemp -d)"
-  cp "$(dirname "$0")/node/coredns.go" "$mod/main.go"
-  printf 'module agentaccess.local/coredns\n\ngo 1.26\n' > "$mod/go.mod"
-  (
-    cd "$mod"
-    go get "github.com/coredns/coredns@v$COREDNS_VERSION" >&2
-    go mod tidy >&2
-    mkdir -p "$COREDNS_BIN.tmp"
-    go build -ldflags "-s -w" -o "$COREDNS_BIN.tmp/coredns" .
-  )
-  rm -rf "$COREDNS_BIN"; mv "$COREDNS_BIN.tmp" "$COREDNS_BIN"; rm -rf "$mod"
-  log "coredns built in $((SECONDS - started))s"
+  go_main "$COREDNS_BIN" coredns "$(dirname "$0")/node/coredns.go" "github.com/coredns/coredns@v$COREDNS_VERSION"
 }
 
+# The pod sandbox image's one binary (sleeps until signalled, reaps children), from
+# hack/node/pause.go: a few lines of Go, no dependencies.
+PAUSE_BIN="$BIN/pause-$(sha256sum "$(dirname "$0")/node/pause.go" | cut -c1-12)"
 build_pause() {
-  [ -x "$PAUSE_BIN/pause" ] && return 0
-  log "building the pause binary"
-  local mod; mod="$(mktemp -d)"
-  cp "$(dirname "$0")/node/pause.go" "$mod/main.go"
-  printf 'module agentaccess.local/pause\n\ngo 1.26\n' > "$mod/go.mod"
-  mkdir -p "$PAUSE_BIN.tmp"
-  (cd "$mod" && go build -ldflags "-s -w" -o "$PAUSE_BIN.tmp/pause" .)
-  rm -rf "$PAUSE_BIN"; mv "$PAUSE_BIN.tmp" "$PAUSE_BIN"; rm -rf "$mod"
+  go_main "$PAUSE_BIN" pause "$(dirname "$0")/node/pause.go"
 }
 
 install_checkov() {

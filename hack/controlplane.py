@@ -285,6 +285,8 @@ def stop_apiserver(state: dict) -> None:
     port = int(state["server"].rsplit(":", 1)[1])
     while time.monotonic() < end:
         with socket.socket() as s:
+            # as Go's listener does: connections in TIME_WAIT do not hold the port
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", port))
                 return

@@ -5,6 +5,7 @@ the controllers a node's workloads need; no Docker, nothing left on the host aft
     python hack/node.py up      # after hack/controlplane.py up; idempotent
     python hack/node.py down    # stop everything it started, remove every trace, verify
     python hack/node.py status  # exit 0 when the node is Ready
+    python hack/node.py prerequisites  # install the Debian packages it needs
 
 What `up` does (docs/design.md, "A real node"):
 - installs Debian's containerd, runc, CNI plugins, iptables and busybox-static if missing;
@@ -67,7 +68,10 @@ HOST_LINK, NODE_IP = "aao-node0", "10.213.0.2"  # NODE_IP: the node's InternalIP
 POD_BRIDGE, POD_CIDR, POD_GATEWAY = "aao-cni0", "10.214.0.0/24", "10.214.0.1"
 DNS_IP = "10.215.0.10"  # CoreDNS, on the node's loopback: cluster.local names for Pods
 NAT_CHAIN = "AAO-NODE"
-PACKAGES = ("containerd", "runc", "containernetworking-plugins", "iptables", "busybox-static")
+PACKAGES = (
+    "containerd", "runc", "containernetworking-plugins", "iptables", "busybox-static",
+    "mmdebstrap",  # for make image-oci
+)  # fmt: skip
 #: kubelet writes these machine-wide sysctls; inside the node's mount namespace each
 #: is a private file, so the host keeps its values. (net.* ones, which kubelet,
 #: kube-proxy and the CNI plugin write, belong to the node's own network namespace.)
@@ -864,8 +868,11 @@ def down(quiet: bool = False) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("command", choices=["up", "down", "status", "prerequisites"])
     a = parser.parse_args()
+    if a.command == "prerequisites":
+        install_prerequisites()
+        return 0
     if a.command == "up":
         up()
         return 0

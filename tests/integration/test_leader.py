@@ -90,6 +90,7 @@ def test_an_edited_lease_does_not_freeze_the_replicas(world, solo):
     lease of its own (local time), instead of waiting for the written time."""
     from datetime import UTC, datetime, timedelta
 
+    from agent_access.kube import Conflict
     from agent_access.leader import LEASES
 
     lease_ns = world.namespace("lease")
@@ -98,16 +99,23 @@ def test_an_edited_lease_does_not_freeze_the_replicas(world, solo):
     first = solo(args=args)
     wait_for(lambda: role(first) == "ok", 10, what="first instance leads")
     second = solo(args=args)
-    lease = world.kube.get(LEASES, lease_ns, lease_id)
     future = (datetime.now(UTC) + timedelta(days=365)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    lease["spec"].update(
-        holderIdentity="attacker",
-        renewTime=future,
-        acquireTime=future,
-        leaseDurationSeconds=10**9,
-    )
-    edited = time.monotonic()
-    world.kube.request("PUT", LEASES.path(lease_ns, lease_id), body=lease, resource="leases")
+    for _ in range(20):  # the leader renews meanwhile: read, edit, write until it sticks
+        lease = world.kube.get(LEASES, lease_ns, lease_id)
+        lease["spec"].update(
+            holderIdentity="attacker",
+            renewTime=future,
+            acquireTime=future,
+            leaseDurationSeconds=10**9,
+        )
+        edited = time.monotonic()
+        try:
+            world.kube.request(
+                "PUT", LEASES.path(lease_ns, lease_id), body=lease, resource="leases"
+            )
+            break
+        except Conflict:
+            continue
     wait_for(
         lambda: (
             "ok" in (role(first), role(second))
