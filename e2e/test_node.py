@@ -249,3 +249,36 @@ def test_the_host_keeps_its_sysctls_and_mounts_while_the_node_runs():
         assert Path("/proc/sys", name).read_text().strip() == before, name
     for path in ("/var/lib/kubelet", "/var/lib/containerd", "/run/containerd", "/var/log/pods"):
         assert not Path(path).exists(), path
+
+
+def test_the_kubelet_api_takes_no_anonymous_caller_and_authorizes_every_other(world):
+    """The kubelet answers only authenticated callers it may authorize (Webhook): no
+    anonymous access, and a valid token without `nodes/proxy` gets 403, while the API
+    server's own client (logs, exec) works, as the other tests show."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from agent_access.kube import Resource
+
+    node = world.kube.get(Resource("/api/v1", "nodes", namespaced=False), None, "aao-node")
+    address = next(a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP")
+    port = node["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+
+    def call(path: str, token: str | None = None) -> int:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        req = urllib.request.Request(f"https://{address}:{port}{path}", headers=headers)
+        try:
+            with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    ns = world.namespace("kubelet-probe")
+    world.service_account(ns, "nobody")
+    token, _ = world.kube.request_token(ns, "nobody", 600, (), None)
+    for path in ("/pods", "/healthz", "/metrics", "/runningpods/", "/configz"):
+        assert call(path) == 401, path
+        assert call(path, token) == 403, path
