@@ -7,6 +7,9 @@
 #   hack/image-oci.sh              -> dist/agent-access-operator-<version>.oci.tar
 #   IMAGE_NAME=... OUT=... hack/image-oci.sh
 #
+# As the Dockerfile's image: the same /opt/venv (byte-compiled, as pip does), user,
+# entrypoint, environment and labels. Unlike it: Debian's own Python 3.11 in /usr/bin
+# rather than python.org's in /usr/local, and no apt (nothing to install at run time).
 # Reproducible for the same inputs: the Debian packages of the day (their versions
 # are written beside the archive), the Python packages at the versions installed in
 # .venv (pinned through a constraints file), this tree, and SOURCE_DATE_EPOCH (the
@@ -39,7 +42,9 @@ started=$SECONDS
 mkdir -p "$work/src"
 git ls-files -z pyproject.toml README.md operator | xargs -0 cp --parents -t "$work/src"
 find "$work/src" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
-"$VENV/bin/pip" wheel -q --no-cache-dir -c "$work/constraints.txt" -w "$work/wheels" "$work/src" >&2
+# PIP_CONSTRAINT also pins the isolated build environment (setuptools, wheel)
+PIP_CONSTRAINT="$work/constraints.txt" \
+  "$VENV/bin/pip" wheel -q --no-cache-dir -w "$work/wheels" "$work/src" >&2
 pip_version="$("$VENV/bin/pip" --version | awk '{print $2}')"
 "$VENV/bin/pip" download -q --no-cache-dir --no-deps -d "$work/pip" "pip==$pip_version" >&2
 pip_wheel="$(cd "$work/pip" && ls pip-*.whl)"
@@ -54,7 +59,7 @@ mmdebstrap --mode=root --variant=essential --format=directory \
   --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/lintian/*' \
   --customize-hook="mkdir -p \"\$1/tmp/build\" && cp -r $work/wheels $work/pip \"\$1/tmp/build/\"" \
   --customize-hook='chroot "$1" python3 -m venv --without-pip /opt/venv' \
-  --customize-hook='chroot "$1" /opt/venv/bin/python3 /tmp/build/pip/'"$pip_wheel"'/pip install -q --no-index --no-compile --no-cache-dir --find-links /tmp/build/wheels agent-access-operator' \
+  --customize-hook='chroot "$1" /opt/venv/bin/python3 /tmp/build/pip/'"$pip_wheel"'/pip install -q --no-index --no-cache-dir --find-links /tmp/build/wheels agent-access-operator' \
   --customize-hook='chroot "$1" dpkg-query -W -f "\${Package}=\${Version}\n" > "$1/tmp/packages.txt"' \
   --customize-hook="cp \"\$1/tmp/packages.txt\" $work/packages.txt" \
   --customize-hook='echo "operator:x:65532:65532::/nonexistent:/usr/sbin/nologin" >> "$1/etc/passwd"' \
@@ -68,7 +73,7 @@ mkdir -p "$(dirname "$OUT")"
 python3 hack/oci.py "$work/rootfs" "$OUT" --name "$NAME" \
   --entrypoint '["agent-access-operator"]' --cmd '["run"]' --user 65532:65532 --workdir / \
   --env PATH=/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-  --env PYTHONUNBUFFERED=1 --env PYTHONDONTWRITEBYTECODE=1 --expose 8080/tcp \
+  --env LANG=C.UTF-8 --env PYTHONUNBUFFERED=1 --env PYTHONDONTWRITEBYTECODE=1 --expose 8080/tcp \
   --label org.opencontainers.image.title=agent-access-operator \
   --label "org.opencontainers.image.description=Just-in-time, least-privilege access for AI agents" \
   --label org.opencontainers.image.licenses=Apache-2.0 \

@@ -8,30 +8,36 @@ the controllers a node's workloads need; no Docker, nothing left on the host aft
     python hack/node.py prerequisites  # install the Debian packages it needs
 
 What `up` does (docs/design.md, "A real node"):
-- installs Debian's containerd, runc, CNI plugins, iptables and busybox-static if missing;
+- installs Debian's containerd, runc, CNI plugins, iptables and busybox-static if
+  missing (never starting or enabling containerd's own service);
 - issues the node's certificates from the control plane's CA: a `system:node:` client
   certificate (Node authorizer, NodeRestriction) and a serving certificate the API
   server verifies; the kubelet API takes only certificates and tokens (no anonymous,
   Webhook authorization); the API server's own kubelet client is bound to
   system:kubelet-api-admin;
-- restarts kube-apiserver with the ServiceAccount admission plugin, so Pods get their
-  projected tokens (`down` restores the control plane's flags);
-- runs containerd and kubelet in a private mount namespace (`unshare`): private tmpfs on
-  /run, /var/lib and /var/log, and private files over the /proc/sys entries kubelet and
-  the CNI bridge plugin write, so the host's sysctls are never changed; their mounts
-  die with the namespace;
-- networking without kube-proxy or modules: a host-only bridge with a /32 address as
-  the node IP, a CNI bridge for Pods, and one DNAT (own chain) from the `kubernetes`
-  Service to the API server's loopback port; route_localnet only on that bridge;
+- restarts kube-apiserver with the ServiceAccount admission plugin (Pods get their
+  projected tokens) and Pod Security `baseline` enforced cluster-wide (no privileged,
+  host-namespace or hostPath Pods: the node shares the host's kernel and PIDs);
+  `down` restores the control plane's flags;
+- runs containerd, kubelet, kube-proxy and CoreDNS in a private mount and network
+  namespace (`unshare --kill-child`): private tmpfs on /run, /var/lib and /var/log,
+  private files over the machine-wide sysctls kubelet writes, and their own iptables,
+  routes and Pod bridge; the host sees one veth pair, `route_localnet` on its end
+  only, and three chains of its own: the DNAT from that link to the API server's
+  loopback port, a raw-table drop of anything addressed to 127/8 from the link, and
+  an INPUT filter that lets the node reach only that DNAT;
 - imports the images in dist/*.oci.tar and the test images it builds itself
   (localhost/busybox:local from busybox-static, localhost/pause:local for sandboxes);
 - starts kube-scheduler and a second kube-controller-manager with the controllers the
   first does not run (ServiceAccounts, root CA ConfigMaps, node lifecycle, Deployments,
-  ReplicaSets, PodGC, ...), each with its own certificate.
+  ReplicaSets, EndpointSlices, PodGC, ...), each with its own certificate.
 
-`down` deletes the Node, kills every process in the namespace and every Pod cgroup,
-removes the cgroups, iptables chains and links that were not there before `up`, checks
-that nothing is left (exit 1 with a list otherwise), and restores the API server flags.
+`down` deletes the Node and its Pods, kills every process of the node's namespaces and
+of kubelet's `kubepods` cgroups (checking each PID's start time and the boot), removes
+those cgroups, its chains and its link, and nothing else; checks that none is left,
+that no chain of a node's components appeared on the host and that the host's sysctls
+are unchanged (exit 1 with a list otherwise, state kept for another try), and restores
+the API server flags.
 """
 
 from __future__ import annotations
@@ -67,7 +73,11 @@ NODE_NAME = "aao-node"
 HOST_LINK, NODE_IP = "aao-node0", "10.213.0.2"  # NODE_IP: the node's InternalIP
 POD_BRIDGE, POD_CIDR, POD_GATEWAY = "aao-cni0", "10.214.0.0/24", "10.214.0.1"
 DNS_IP = "10.215.0.10"  # CoreDNS, on the node's loopback: cluster.local names for Pods
-NAT_CHAIN = "AAO-NODE"
+NAT_CHAIN = "AAO-NODE"  # nat: the link -> the API server's loopback port
+RAW_CHAIN = "AAO-NODE-RAW"  # raw: nothing from the link may address 127/8 itself
+INPUT_CHAIN = "AAO-NODE-INPUT"  # filter: from the link, only that DNAT and replies
+CHAINS = (("nat", NAT_CHAIN, "PREROUTING"), ("raw", RAW_CHAIN, "PREROUTING"),
+          ("filter", INPUT_CHAIN, "INPUT"))  # fmt: skip
 PACKAGES = (
     "containerd", "runc", "containernetworking-plugins", "iptables", "busybox-static",
     "mmdebstrap",  # for make image-oci
@@ -141,11 +151,26 @@ def install_prerequisites() -> None:
     log(f"installing {' '.join(missing)} from Debian")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(
-        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
-        check=True,
-        env=env,
-    )
+    # Debian starts and enables a package's service: containerd must run only as the
+    # node's, so its own service is neither started now (policy-rc.d) nor at boot
+    policy = Path("/usr/sbin/policy-rc.d")
+    placed = not policy.exists()
+    if placed:
+        policy.write_text("#!/bin/sh\nexit 101\n")
+        policy.chmod(0o755)
+    try:
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+            check=True,
+            env=env,
+        )
+    finally:
+        if placed:
+            policy.unlink()
+    if "containerd" in missing:  # what `systemctl disable` does, also without systemd
+        for link in Path("/etc/systemd/system").glob("*.wants/containerd.service"):
+            if link.is_symlink():
+                link.unlink()
 
 
 # --- API access (admin certificate) ------------------------------------------
@@ -217,7 +242,7 @@ def kubeconfig(cpstate: dict, d: Path, user: str, server: str | None = None) -> 
 def iptables_chains() -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for tool in ("iptables", "ip6tables"):
-        for table in ("filter", "nat", "mangle"):
+        for table in ("filter", "nat", "mangle", "raw"):
             listing = out(tool, "-w", "-t", table, "-S")
             found[f"{tool}/{table}"] = sorted(
                 line.split()[1] for line in listing.splitlines() if line.startswith("-N ")
@@ -226,7 +251,10 @@ def iptables_chains() -> dict[str, list[str]]:
 
 
 def cgroup_tops() -> dict[str, list[str]]:
+    """Top-level cgroups per hierarchy ("" for a pure cgroup v2 host: one hierarchy)."""
     base = Path("/sys/fs/cgroup")
+    if (base / "cgroup.controllers").exists():
+        return {"": sorted(p.name for p in base.iterdir() if p.is_dir())}
     tops = {}
     for h in sorted(base.iterdir()) if base.is_dir() else []:
         if h.is_dir():
@@ -246,8 +274,17 @@ def sysctl_values() -> dict[str, str]:
     return values
 
 
+#: where a node's components would write on the host if their isolation failed
+HOST_PATHS = (
+    "/opt/containerd", "/opt/cni", "/etc/cni", "/etc/kubernetes", "/var/lib/kubelet",
+    "/var/lib/containerd", "/var/lib/cni", "/run/containerd", "/var/run/netns",
+    "/var/log/pods", "/var/log/containers", "/usr/libexec/kubernetes",
+)  # fmt: skip
+
+
 def snapshot() -> dict:
     return {
+        "paths": [p for p in HOST_PATHS if os.path.lexists(p)],
         "iptables": iptables_chains(),
         "cgroups": cgroup_tops(),
         "links": links(),
@@ -343,6 +380,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
   "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
 [grpc]
   address = "{d}/containerd.sock"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/containerd/opt"  # not /opt/containerd on the host
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{pause}"
   # root here may not lower oom_score_adj (no CAP_SYS_RESOURCE): never ask runc to
@@ -426,7 +465,6 @@ COREFILE = """cluster.local:53 in-addr.arpa:53 {{
     cache 5
     kubernetes cluster.local in-addr.arpa {{
         kubeconfig {d}/coredns.kubeconfig agent-access-local
-        pods insecure
     }}
 }}
 .:53 {{
@@ -514,16 +552,27 @@ def setup_network(cpstate: dict, pid: int) -> None:
     sh("ip", "addr", "add", f"{cp.NODE_HOST_IP}/30", "dev", HOST_LINK)
     sh("ip", "link", "set", HOST_LINK, "up")
     Path(f"/proc/sys/net/ipv4/conf/{HOST_LINK}/route_localnet").write_text("1\n")
-    api_port = cpstate["server"].rsplit(":", 1)[1]
-    sh("iptables", "-w", "-t", "nat", "-N", NAT_CHAIN, check=False, quiet=True)
-    sh("iptables", "-w", "-t", "nat", "-F", NAT_CHAIN)
+    port = api_port(cpstate)
+    ipt = ("iptables", "-w", "-t")
+    for table, chain, _ in CHAINS:
+        sh(*ipt, table, "-N", chain, check=False, quiet=True)
+        sh(*ipt, table, "-F", chain)
     sh(
-        "iptables", "-w", "-t", "nat", "-A", NAT_CHAIN, "-d", f"{cp.NODE_HOST_IP}/32",
-        "-p", "tcp", "--dport", api_port, "-j", "DNAT", "--to-destination", f"127.0.0.1:{api_port}",
+        *ipt, "nat", "-A", NAT_CHAIN, "-d", f"{cp.NODE_HOST_IP}/32", "-p", "tcp",
+        "--dport", port, "-j", "DNAT", "--to-destination", f"127.0.0.1:{port}",
     )  # fmt: skip
-    jump = ("PREROUTING", "-i", HOST_LINK, "-j", NAT_CHAIN)
-    if sh("iptables", "-w", "-t", "nat", "-C", *jump, check=False, quiet=True).returncode:
-        sh("iptables", "-w", "-t", "nat", "-A", *jump)
+    # route_localnet must not make the host's loopback services reachable from the
+    # node (CVE-2020-8558): only the DNAT above may lead there
+    sh(*ipt, "raw", "-A", RAW_CHAIN, "-d", "127.0.0.0/8", "-j", "DROP")
+    sh(*ipt, "filter", "-A", INPUT_CHAIN, "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED",
+       "-j", "ACCEPT")  # fmt: skip
+    sh(*ipt, "filter", "-A", INPUT_CHAIN, "-m", "conntrack", "--ctstate", "DNAT",
+       "-d", "127.0.0.1/32", "-p", "tcp", "--dport", port, "-j", "ACCEPT")  # fmt: skip
+    sh(*ipt, "filter", "-A", INPUT_CHAIN, "-j", "DROP")
+    for table, chain, hook in CHAINS:
+        jump = (hook, "-i", HOST_LINK, "-j", chain)
+        if sh(*ipt, table, "-C", *jump, check=False, quiet=True).returncode:
+            sh(*ipt, table, "-I", *jump)
 
 
 def cluster_objects(cpstate: dict) -> None:
@@ -547,7 +596,7 @@ def cluster_objects(cpstate: dict) -> None:
         (f"{rbac}/clusterroles", {
             "metadata": {"name": COREDNS_USER},
             "rules": [
-                {"apiGroups": [""], "resources": ["services", "pods", "namespaces"],
+                {"apiGroups": [""], "resources": ["services", "namespaces"],
                  "verbs": ["list", "watch"]},
                 {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
                  "verbs": ["list", "watch"]},
@@ -577,17 +626,40 @@ CLUSTER_OBJECTS = (
 ENDPOINT_SLICE = "kubernetes-aao-node"
 
 
-def apiserver_for_node(cpstate: dict, enable: bool) -> None:
-    """ServiceAccount admission on (a node runs Pods that need tokens) or back off."""
+POD_SECURITY = """apiVersion: apiserver.config.k8s.io/v1
+kind: AdmissionConfiguration
+plugins:
+- name: PodSecurity
+  configuration:
+    apiVersion: pod-security.admission.config.k8s.io/v1
+    kind: PodSecurityConfiguration
+    defaults: {enforce: baseline, enforce-version: latest, warn: restricted, warn-version: latest}
+    exemptions: {usernames: [], runtimeClasses: [], namespaces: []}
+"""
+
+
+def apiserver_for_node(cpstate: dict, enable: bool, d: Path | None = None) -> None:
+    """For a node: ServiceAccount admission on (Pods need their tokens) and Pod Security
+    `baseline` enforced everywhere (the node shares the host's kernel, PIDs and
+    filesystem: no privileged, host-namespace or hostPath Pods). Off again at `down`."""
     cmd = cpstate["commands"]["kube-apiserver"]
-    flag = "--disable-admission-plugins=ServiceAccount"
-    want = [a for a in cmd if a != flag] if enable else (cmd if flag in cmd else [*cmd, flag])
+    plain = [
+        a
+        for a in cmd
+        if not a.startswith(("--admission-control-config-file=", "--allow-privileged="))
+    ]
+    plain = [a for a in plain if a != "--disable-admission-plugins=ServiceAccount"]
+    if enable:
+        assert d is not None
+        (d / "admission.yaml").write_text(POD_SECURITY)
+        want = [*plain, f"--admission-control-config-file={d / 'admission.yaml'}",
+                "--allow-privileged=false"]  # fmt: skip
+    else:
+        want = [*plain, "--disable-admission-plugins=ServiceAccount", "--allow-privileged=true"]
     if want == cmd:
         return
-    log(
-        ("enabling" if enable else "disabling")
-        + " ServiceAccount admission (kube-apiserver restart)"
-    )
+    log(f"{'enabling' if enable else 'disabling'} ServiceAccount admission and Pod Security "
+        "baseline (kube-apiserver restart)")  # fmt: skip
     cpstate["commands"]["kube-apiserver"] = want
     cp.stop_apiserver(cpstate)
     cp.start_apiserver(cpstate)  # writes the control plane's state
@@ -606,7 +678,7 @@ def up() -> dict:
         state
         and state.get("server") == cpstate["server"]
         and node_ready(cpstate)
-        and all(cp.alive(p) for p in state["pids"].values())
+        and all(ours(state, name) for name in state["pids"])
     ):
         d = Path(state["dir"])
         images = sorted((ROOT / "dist").glob("*.oci.tar"))
@@ -618,14 +690,28 @@ def up() -> dict:
     if os.geteuid() != 0:
         raise SystemExit("node: needs root (containerd, kubelet, mounts, iptables)")
     install_prerequisites()
+    remove_iptables()  # a link or chain left by a node whose state was lost
+    if HOST_LINK in links():
+        sh("ip", "link", "delete", HOST_LINK, check=False, quiet=True)
+    taken = [f"{h}/{t}" for h, tops in cgroup_tops().items() for t in tops if t in OWN_CGROUPS]
+    if taken:
+        raise SystemExit(
+            f"node: cgroups of another kubelet exist ({', '.join(taken[:3])}); one node per machine"
+        )
     started = time.monotonic()
     d = Path(tempfile.mkdtemp(prefix="aao-node-"))
-    state = {"dir": str(d), "server": cpstate["server"], "pids": {}, "before": snapshot()}
+    state = {
+        "dir": str(d),
+        "server": cpstate["server"],
+        "boot": boot_id(),
+        "pids": {},
+        "before": snapshot(),
+    }
     write_state(state)
     for sub in ("cni", "ipam", "volume-plugins", "kubelet-pki", "containerd"):
         (d / sub).mkdir()
     issue_certificates(cpstate, d)
-    apiserver_for_node(cpstate, True)
+    apiserver_for_node(cpstate, True, d)
     cluster_objects(cpstate)
     for user in ("kubelet", "kube-proxy", "coredns"):
         kubeconfig(cpstate, d, user, server=f"https://{cp.NODE_HOST_IP}:{api_port(cpstate)}")
@@ -650,18 +736,22 @@ def up() -> dict:
             dns_ip=DNS_IP,
         )
     )
-    state["pids"]["node"] = start(
-        ["unshare", "--mount", "--net", "--propagation", "private", "--fork",
+    remember(state, "node", start(
+        ["unshare", "--mount", "--net", "--propagation", "private", "--fork", "--kill-child",
          "sh", str(d / "launch.sh")],
         d / "launch.log",
-    )  # fmt: skip
+    ))  # fmt: skip
     write_state(state)
     deadline = time.monotonic() + READY_TIMEOUT
     while not (d / "launch.pid").exists():
         if not cp.alive(state["pids"]["node"]) or time.monotonic() > deadline:
             raise SystemExit("node: the namespace did not start:\n" + tail(d / "launch.log"))
         time.sleep(0.02)
-    setup_network(cpstate, int((d / "launch.pid").read_text()))
+    launch = int((d / "launch.pid").read_text())
+    # from now on `down` finds every process of the node by its mount namespace
+    state["mntns"] = os.readlink(f"/proc/{launch}/ns/mnt")
+    write_state(state)
+    setup_network(cpstate, launch)
     while not (d / "coredns.pid").exists():
         if not cp.alive(state["pids"]["node"]) or time.monotonic() > deadline:
             raise SystemExit(
@@ -670,9 +760,8 @@ def up() -> dict:
                 + tail(d / "launch.log")
             )
         time.sleep(0.1)
-    state["mntns"] = os.readlink(f"/proc/{(d / 'containerd.pid').read_text().strip()}/ns/mnt")
     for name in ("containerd", "kubelet", "kube-proxy", "coredns"):  # watched until Ready
-        state["pids"][name] = int((d / f"{name}.pid").read_text())
+        remember(state, name, int((d / f"{name}.pid").read_text()))
     write_state(state)
     images = build_test_images(d) + sorted((ROOT / "dist").glob("*.oci.tar"))
     import_images(d, images)
@@ -691,7 +780,7 @@ def up() -> dict:
             ],
         ),
     ):
-        state["pids"][name] = start(
+        remember(state, name, start(
             [
                 cp.find_binary(name),
                 f"--kubeconfig={kubeconfig(cpstate, d, name)}",
@@ -700,11 +789,11 @@ def up() -> dict:
                 "--v=1",
             ],
             d / f"{name}.log",
-        )
+        ))  # fmt: skip
         write_state(state)
     while not node_ready(cpstate):
-        for name, pid in state["pids"].items():
-            if not cp.alive(pid):
+        for name in state["pids"]:
+            if not ours(state, name):
                 raise SystemExit(
                     f"node: {name} exited:\n"
                     + tail(d / f"{name if name != 'node' else 'launch'}.log")
@@ -719,6 +808,35 @@ def up() -> dict:
     return state
 
 
+def boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of its stat)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def remember(state: dict, name: str, pid: int) -> None:
+    """Record a process with its start time: a PID reused later is never taken for it."""
+    state["pids"][name] = pid
+    state.setdefault("starts", {})[name] = start_time(pid)
+
+
+def ours(state: dict, name: str) -> bool:
+    """The recorded process `name` is still the one `up` started, and alive."""
+    pid = state["pids"][name]
+    return (
+        state.get("boot") == boot_id()
+        and cp.alive(pid)
+        and start_time(pid) == state.get("starts", {}).get(name)
+    )
+
+
 def tail(path: Path, n: int = 3000) -> str:
     try:
         return path.read_text(errors="replace")[-n:]
@@ -729,7 +847,10 @@ def tail(path: Path, n: int = 3000) -> str:
 # --- down ----------------------------------------------------------------------------
 
 
-def processes_in(mntns: str | None) -> list[int]:
+def processes_in(state: dict) -> list[int]:
+    """Every process in the node's mount namespace (recorded on this boot only: after a
+    reboot the number may belong to another namespace)."""
+    mntns = state.get("mntns") if state.get("boot") == boot_id() else None
     pids = []
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
@@ -739,13 +860,20 @@ def processes_in(mntns: str | None) -> list[int]:
     return pids
 
 
+#: the cgroups kubelet makes (cgroupfs driver, cgroup root "/"), in every hierarchy
+OWN_CGROUPS = ("kubepods",)
+#: chain names of a node's components: on the host they would mean the isolation leaked
+NODE_CHAIN_PREFIXES = ("KUBE-", "CNI-")
+
+
 def cgroup_dirs(before: dict[str, list[str]]) -> list[Path]:
-    """Cgroups made since `up` (kubelet's kubepods and below), deepest first."""
+    """The node's cgroups (kubelet's kubepods and below) not there before `up`, deepest
+    first. Only these: whatever else appeared on the host meanwhile is not ours."""
     found = []
     base = Path("/sys/fs/cgroup")
     for hierarchy, tops in cgroup_tops().items():
         for top in tops:
-            if top not in before.get(hierarchy, []):
+            if top in OWN_CGROUPS and top not in before.get(hierarchy, []):
                 found.extend(
                     sorted(
                         (p for p in (base / hierarchy / top).rglob("*") if p.is_dir()),
@@ -762,12 +890,12 @@ def kill_all(state: dict) -> None:
     with contextlib.suppress(OSError, ValueError):
         os.kill(int((d / "kubelet.pid").read_text()), signal.SIGTERM)
     for _ in range(100):
-        victims = set(processes_in(state.get("mntns")))
+        victims = set(processes_in(state))
         for cg in cgroup_dirs(before.get("cgroups", {})):
             with contextlib.suppress(OSError):
                 victims.update(int(x) for x in (cg / "cgroup.procs").read_text().split())
-        for pid in state.get("pids", {}).values():
-            if cp.alive(pid):
+        for name, pid in state.get("pids", {}).items():
+            if ours(state, name):
                 victims.add(pid)
         victims.discard(os.getpid())
         if not victims:
@@ -778,47 +906,73 @@ def kill_all(state: dict) -> None:
         time.sleep(0.1)
 
 
-def remove_iptables(before: dict[str, list[str]]) -> None:
-    for key, chains in iptables_chains().items():
-        tool, table = key.split("/")
-        new = [c for c in chains if c not in before.get(key, [])]
-        if not new:
-            continue
-        # rules that jump to a new chain, in any chain of the table, go first
-        for line in out(tool, "-w", "-t", table, "-S").splitlines():
-            parts = line.split()
-            if parts[:1] == ["-A"] and any(c in parts for c in new) and parts[1] not in new:
-                sh(tool, "-w", "-t", table, "-D", *parts[1:], check=False, quiet=True)
-        for c in new:
-            sh(tool, "-w", "-t", table, "-F", c, check=False, quiet=True)
-        for c in new:
-            sh(tool, "-w", "-t", table, "-X", c, check=False, quiet=True)
+def remove_iptables() -> None:
+    """The chains `up` made on the host, and their jumps."""
+    if not shutil.which("iptables"):
+        return
+    for table, chain, hook in CHAINS:
+        jump = ("iptables", "-w", "-t", table, "-D", hook, "-i", HOST_LINK, "-j", chain)
+        while not sh(*jump, check=False, quiet=True).returncode:
+            pass
+        sh("iptables", "-w", "-t", table, "-F", chain, check=False, quiet=True)
+        sh("iptables", "-w", "-t", table, "-X", chain, check=False, quiet=True)
 
 
-def leftovers(state: dict) -> list[str]:
+def leaks(state: dict) -> list[str]:
+    """Signs on the host that the node's isolation leaked, even while it runs: files
+    its components would write, their mounts, their iptables chains, changed sysctls."""
     before = state.get("before", {})
     left = []
-    procs = processes_in(state.get("mntns"))
-    if procs:
-        left.append(f"processes {procs}")
-    if cgroup_dirs(before.get("cgroups", {})):
-        left.append(f"cgroups {[str(p) for p in cgroup_dirs(before.get('cgroups', {}))][:5]}")
-    now = iptables_chains()
-    for key, chains in now.items():
-        new = [c for c in chains if c not in before.get("iptables", {}).get(key, [])]
-        if new:
-            left.append(f"{key} chains {new}")
-    new_links = [link for link in links() if link not in before.get("links", [])]
-    if new_links:
-        left.append(f"links {new_links}")
+    paths = [p for p in HOST_PATHS if os.path.lexists(p) and p not in before.get("paths", [])]
+    if paths:
+        left.append(f"paths {paths}")
+    mounts = [
+        line.split()[4]
+        for line in Path("/proc/self/mountinfo").read_text().splitlines()
+        if "aao-node" in line or line.split()[4].startswith(state["dir"])
+    ]
+    if mounts:
+        left.append(f"mounts {mounts[:5]}")
+    for key, chains in iptables_chains().items():
+        theirs = [
+            c
+            for c in chains
+            if c not in before.get("iptables", {}).get(key, [])
+            and c.startswith(NODE_CHAIN_PREFIXES)
+        ]
+        if theirs:
+            left.append(f"{key} chains {theirs}")
     if sysctl_values() != before.get("sysctls", sysctl_values()):
         left.append(f"sysctls changed: {sysctl_values()} (were {before.get('sysctls')})")
     return left
 
 
+def leftovers(state: dict) -> list[str]:
+    """What of the node is still on the host (nothing, after a good `down`), and any
+    sign that its isolation leaked."""
+    before = state.get("before", {})
+    left = leaks(state)
+    procs = processes_in(state)
+    if procs:
+        left.append(f"processes {procs}")
+    if cgroup_dirs(before.get("cgroups", {})):
+        left.append(f"cgroups {[str(p) for p in cgroup_dirs(before.get('cgroups', {}))][:5]}")
+    for key, chains in iptables_chains().items():
+        mine = [c for c in chains if c.startswith(NAT_CHAIN)]
+        if mine:
+            left.append(f"{key} chains {mine}")
+    mine = [link for link in links() if link in (HOST_LINK, POD_BRIDGE)]
+    if mine:
+        left.append(f"links {mine}")
+    return left
+
+
 def down(quiet: bool = False) -> int:
     state = read_state()
-    if not state:
+    if not state:  # nothing recorded: only what is ours by name can be cleaned up
+        remove_iptables()
+        if HOST_LINK in links():
+            sh("ip", "link", "delete", HOST_LINK, check=False, quiet=True)
         if not quiet:
             log("not up")
         shutil.rmtree(NODE_DIR, ignore_errors=True)
@@ -847,20 +1001,19 @@ def down(quiet: bool = False) -> int:
         if not dirs:
             break
         time.sleep(0.1)
-    remove_iptables(before.get("iptables", {}))
-    for link in links():
-        if link not in before.get("links", []):
-            sh("ip", "link", "delete", link, check=False, quiet=True)
+    remove_iptables()
+    if HOST_LINK in links():  # normally gone with the namespace, its peer's home
+        sh("ip", "link", "delete", HOST_LINK, check=False, quiet=True)
     left = leftovers(state)
     if cpstate and cpstate.get("server") == state.get("server") and cp.ready(cpstate):
         for path in CLUSTER_OBJECTS:
             api(cpstate, "DELETE", path)
         apiserver_for_node(cpstate, False)
-    shutil.rmtree(state["dir"], ignore_errors=True)
-    shutil.rmtree(NODE_DIR, ignore_errors=True)
-    if left:
+    if left:  # the state stays, so another `down` can try again
         log("left on the host: " + "; ".join(left))
         return 1
+    shutil.rmtree(state["dir"], ignore_errors=True)
+    shutil.rmtree(NODE_DIR, ignore_errors=True)
     if not quiet:
         log("down; nothing left on the host")
     return 0

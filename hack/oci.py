@@ -21,10 +21,14 @@ import hashlib
 import io
 import json
 import os
+import platform
 import stat
 import sys
 import tarfile
 from pathlib import Path
+
+#: OCI's names for the machine's architectures (the image holds this machine's binaries)
+ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le"}
 
 
 def _epoch() -> int:
@@ -93,7 +97,7 @@ def build(root: Path, out: Path, name: str, config: dict, labels: dict[str, str]
     created = f"{dt.datetime.fromtimestamp(epoch, dt.UTC):%Y-%m-%dT%H:%M:%SZ}"
     image_config = {
         "created": created,
-        "architecture": "amd64",
+        "architecture": ARCH.get(platform.machine(), platform.machine()),
         "os": "linux",
         "config": {**config, "Labels": labels} if labels else config,
         "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(raw).hexdigest()]},

@@ -116,6 +116,8 @@ def test_an_edited_lease_does_not_freeze_the_replicas(world, solo):
             break
         except Conflict:
             continue
+    else:
+        raise AssertionError("the Lease could not be edited: the test would prove nothing")
     wait_for(
         lambda: (
             "ok" in (role(first), role(second))
