@@ -8,13 +8,15 @@ docs/audit.md.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
 SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 def record(
@@ -70,9 +72,16 @@ def record(
 
 
 class AuditLog:
-    def __init__(self, stream: TextIO | None = None, path: str | None = None):
+    def __init__(
+        self,
+        stream: TextIO | None = None,
+        path: str | None = None,
+        listeners: Sequence[Callable[[Mapping[str, Any]], None]] = (),
+    ):
         self.stream = stream if stream is not None else sys.stdout
         self.path = path
+        #: told of every record once it is written (notifications); must not block
+        self.listeners = tuple(listeners)
         self._lock = threading.Lock()
 
     def write(self, entry: Mapping[str, Any]) -> None:
@@ -83,6 +92,11 @@ class AuditLog:
             if self.path:
                 with open(self.path, "a", encoding="utf-8") as f:
                     f.write(line + "\n")
+        for listener in self.listeners:
+            try:
+                listener(entry)
+            except Exception:
+                log.exception("audit listener failed")
 
 
 # ---------------------------------------------------------------------------

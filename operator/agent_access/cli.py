@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from typing import Any
 
 from . import __version__
 
@@ -106,6 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="extra guardrail: never grant write verbs on this resource",
     )
+    run.add_argument(
+        "--notify-url",
+        action="append",
+        default=[],
+        help="POST each decision here (repeatable): a CloudEvent, or a Slack message with "
+        "--notify-format slack; retried in the background, never delaying a grant or a "
+        "revocation",
+    )
+    run.add_argument(
+        "--notify-secret-file",
+        help="sign notifications with HMAC-SHA256 using this file's content "
+        "(header X-AgentAccess-Signature: t=<unix>,v1=<hex of HMAC('<t>.<body>')>)",
+    )
+    run.add_argument(
+        "--notify-format",
+        choices=["cloudevents", "slack"],
+        default="cloudevents",
+        help="notification body: CloudEvents 1.0 structured JSON (default) or Slack",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     audit = sub.add_parser(
         "audit",
@@ -142,7 +162,7 @@ def audit_command(args: argparse.Namespace) -> int:
     if not args.no_cluster:
         from .kube import AGENT_TASKS, EVENTS, Kube
 
-        kube = Kube.from_environment(pool_size=2)
+        kube = getattr(args, "kube", None) or Kube.from_environment(pool_size=2)
         if args.task:
             found = kube.get(AGENT_TASKS, args.namespace, args.task)
             tasks = [found] if found else []
@@ -228,6 +248,8 @@ def run(args: argparse.Namespace) -> int:
     # the main thread, which may hold the very lock it would wait for).
     signalled: list[int] = []
 
+    notifier = notifier_from(args, metrics)  # a bad secret file stops the start here
+
     def stopping() -> bool:
         return bool(signalled)
 
@@ -247,7 +269,11 @@ def run(args: argparse.Namespace) -> int:
     # and pay a TLS handshake for each new one.
     kube = Kube.from_environment(pool_size=4 * args.workers + 16, observer=metrics.api_call)
     service = Service(
-        kube, AuditLog(path=args.audit_file), metrics, guardrails, workers=args.workers
+        kube,
+        AuditLog(path=args.audit_file, listeners=[notifier] if notifier else []),
+        metrics,
+        guardrails,
+        workers=args.workers,
     )
     watch = TaskWatch(service, namespaces or None)
     try:
@@ -278,6 +304,29 @@ def run(args: argparse.Namespace) -> int:
                 os._exit(1)
             elector.release()
     return 0
+
+
+def notifier_from(args: argparse.Namespace, metrics: Any) -> Any:
+    """The notification sender the flags ask for, or None."""
+    from .notify import Notifier
+
+    if not args.notify_url:
+        if args.notify_secret_file:
+            raise SystemExit("--notify-secret-file needs --notify-url")
+        return None
+    secret = None
+    if args.notify_secret_file:
+        try:
+            with open(args.notify_secret_file, "rb") as f:
+                secret = f.read().strip()
+        except OSError as exc:
+            raise SystemExit(f"cannot read --notify-secret-file: {exc}") from exc
+        if not secret:
+            raise SystemExit("--notify-secret-file is empty")
+    for url in args.notify_url:
+        if not url.startswith(("https://", "http://")):
+            raise SystemExit(f"--notify-url must be an http(s) URL: {url!r}")
+    return Notifier(args.notify_url, secret, args.notify_format, metrics.notification)
 
 
 def _trace_memory(frames: int) -> None:

@@ -73,6 +73,13 @@ class Metrics:
             ["verb", "code"],
             registry=r,
         )
+        self.notifications = Counter(
+            "agentaccess_notifications",
+            "Notifications by result: delivered, failed (given up after retries), dropped "
+            "(a receiver's queue was full)",
+            ["result"],
+            registry=r,
+        )
         self.leader = Gauge(
             "agentaccess_leader",
             "1 when this instance acts: it holds the leader Lease, or runs without election",
@@ -114,6 +121,9 @@ class Metrics:
 
     def timed(self, handler: str) -> _Timed:
         return _Timed(self.handler_seconds.labels(handler=handler))
+
+    def notification(self, result: str) -> None:
+        self.notifications.labels(result=result).inc()
 
     def issue_failed(self) -> None:
         self.issue_failures.inc()

@@ -61,6 +61,16 @@ VALUE_SETS = {
         "--set",
         "networkPolicy.apiServerCIDRs={10.0.0.1/32}",
     ],
+    "notifications": [
+        "--set",
+        "notifications.urls={https://hooks.example/agent-access}",
+        "--set",
+        "notifications.secretName=agent-access-notify",
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set",
+        "networkPolicy.notificationEgress[0].ports[0].port=443",
+    ],
     "monitoring": [
         "--set",
         "metrics.serviceMonitor.enabled=true",
@@ -182,6 +192,17 @@ def test_replicas_spread_and_the_pdb_never_blocks_drains():
             ],
             "needs metrics.service.enabled",
         ),
+        (
+            [
+                "--set",
+                "notifications.urls={https://a.example}",
+                "--set",
+                "networkPolicy.enabled=true",
+            ],
+            "needs networkPolicy.notificationEgress",
+        ),
+        (["--set", "notifications.secretName=s"], "signs nothing"),
+        (["--set", "notifications.urls={ftp://a.example}"], "/notifications/urls/0"),
     ],
 )
 def test_unsafe_value_combinations_are_refused(values, message):
@@ -207,6 +228,26 @@ def test_network_policy_admits_metrics_and_reaches_only_the_api_server():
     assert {p["port"] for p in egress["ports"]} == {443, 6443}
     assert egress["to"] == [{"ipBlock": {"cidr": "10.0.0.1/32"}}]
     assert not [d for d in docs(render()) if d["kind"] == "NetworkPolicy"]
+
+
+def test_notifications_pass_urls_format_and_the_signing_key_as_a_file():
+    rendered = docs(render(*VALUE_SETS["notifications"]))
+    pod = next(d for d in rendered if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert "--notify-url=https://hooks.example/agent-access" in args
+    assert "--notify-format=cloudevents" in args
+    assert "--notify-secret-file=/etc/agent-access/notify/secret" in args
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "notify-secret"]
+    assert volume["secret"]["secretName"] == "agent-access-notify"
+    mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "notify-secret")
+    assert mount["readOnly"] is True
+    policy = next(d for d in rendered if d["kind"] == "NetworkPolicy")
+    assert {"ports": [{"port": 443}]} in policy["spec"]["egress"]
+    plain = docs(render())
+    args = next(d for d in plain if d["kind"] == "Deployment")["spec"]["template"]["spec"][
+        "containers"
+    ][0]["args"]
+    assert not [a for a in args if a.startswith("--notify")]
 
 
 def test_grant_namespaces_use_rolebindings_and_flags():

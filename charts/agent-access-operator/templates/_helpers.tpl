@@ -58,6 +58,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and .Values.leaderElection.enabled (ge (float64 .Values.leaderElection.retryPeriod) (float64 .Values.leaderElection.leaseDuration)) -}}
 {{- fail "leaderElection.retryPeriod must be shorter than leaderElection.leaseDuration, or the leader loses its Lease between renewals" -}}
 {{- end -}}
+{{- if and .Values.networkPolicy.enabled .Values.notifications.urls (not .Values.networkPolicy.notificationEgress) -}}
+{{- fail "notifications.urls with networkPolicy.enabled needs networkPolicy.notificationEgress: the NetworkPolicy would block every notification" -}}
+{{- end -}}
+{{- if and .Values.notifications.secretName (not .Values.notifications.urls) -}}
+{{- fail "notifications.secretName without notifications.urls signs nothing: set the URLs too" -}}
+{{- end -}}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) -}}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.service.enabled: the ServiceMonitor scrapes that Service" -}}
 {{- end -}}
