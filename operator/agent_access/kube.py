@@ -143,6 +143,33 @@ class Kube:
         config.connection_pool_maxsize = pool_size
         return cls(kubernetes.client.ApiClient(config), **kwargs)
 
+    @classmethod
+    def from_kubeconfig(
+        cls, path: str | None = None, context: str | None = None, **kwargs: Any
+    ) -> tuple[Kube, str | None]:
+        """For command-line tools, as kubectl: the kubeconfig (path, else KUBECONFIG, else
+        ~/.kube/config) and its context's namespace; in a pod without one, the pod's
+        service account."""
+        config = kubernetes.client.Configuration()
+        try:
+            kubernetes.config.load_kube_config(
+                config_file=path, context=context, client_configuration=config
+            )
+            _, active = kubernetes.config.list_kube_config_contexts(config_file=path)
+            if context:
+                contexts, _ = kubernetes.config.list_kube_config_contexts(config_file=path)
+                active = next((c for c in contexts if c["name"] == context), active)
+            namespace = (active.get("context") or {}).get("namespace")
+        except (kubernetes.config.ConfigException, OSError) as exc:
+            if path or context:
+                raise ConfigError(f"cannot use the kubeconfig: {exc}") from None
+            try:
+                kubernetes.config.load_incluster_config(client_configuration=config)
+            except kubernetes.config.ConfigException:
+                raise ConfigError(f"no cluster to talk to: set KUBECONFIG ({exc})") from None
+            namespace = None
+        return cls(kubernetes.client.ApiClient(config), **kwargs), namespace
+
     # -- the one place requests are made ---------------------------------------
 
     def request(

@@ -1,0 +1,110 @@
+"""`kubectl agentaccess` end to end: the installed executable, run as a user would (as a
+subprocess, through kubectl's plugin lookup too), against the real API server and the
+operator."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from agent_access.kube import AGENT_TASKS
+
+BIN = Path(sys.executable).parent
+READ_PODS = "get,list:pods"
+
+
+def run(kubeconfig: str, *args: str, via_kubectl: bool = False) -> subprocess.CompletedProcess:
+    cmd = (
+        [str(BIN / "kubectl"), "agentaccess"] if via_kubectl else [str(BIN / "kubectl-agentaccess")]
+    )
+    env = dict(os.environ, KUBECONFIG=kubeconfig, PATH=f"{BIN}:{os.environ['PATH']}")
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, timeout=90)
+
+
+def scene(world):
+    agents, target = world.namespace("plugin-agents"), world.namespace("plugin-target")
+    world.service_account(agents, "bot")
+    world.policy(
+        target,
+        "read",
+        [(agents, "bot")],
+        [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}],
+    )
+    return agents, target
+
+
+def test_request_wait_list_status_cancel_and_audit(world, operator):
+    agents, target = scene(world)
+    kc = world.kubeconfig
+    got = run(
+        kc, "request", "fix-it", "-n", agents, "--agent", "bot", "--intent", "read pods",
+        "--rule", f"{target}:{READ_PODS}", "--ttl", "10m", "--wait",
+    )  # fmt: skip
+    assert got.returncode == 0, got.stderr
+    task = world.get_task(agents, "fix-it")
+    assert "agenttask/fix-it Active: PolicyAllowed" in got.stdout
+    assert f"token Secret: {task['status']['tokenSecretName']}" in got.stdout
+    assert task["spec"]["access"] == [
+        {
+            "namespace": target,
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}],
+        }
+    ]
+    listed = run(kc, "list", "-n", agents, via_kubectl=True)  # kubectl finds the plugin
+    assert listed.returncode == 0, listed.stderr
+    header, row = listed.stdout.splitlines()
+    assert header.split() == ["NAME", "AGENT", "PHASE", "REASON", "REQUESTER", "EXPIRES", "AGE"]
+    assert row.split()[:5] == ["fix-it", "bot", "Active", "PolicyAllowed", "admin"]
+    every = run(kc, "list", "-A")
+    assert every.stdout.splitlines()[0].split()[0] == "NAMESPACE"
+    assert any(line.split()[:2] == [agents, "fix-it"] for line in every.stdout.splitlines())
+    as_json = json.loads(run(kc, "status", "fix-it", "-n", agents, "-o", "json").stdout)
+    assert as_json["metadata"]["uid"] == task["metadata"]["uid"]
+    as_yaml = yaml.safe_load(run(kc, "status", "fix-it", "-n", agents, "-o", "yaml").stdout)
+    assert as_yaml["status"]["phase"] == "Active"
+    described = run(kc, "status", "fix-it", "-n", agents).stdout
+    assert "Phase:        Active" in described and "Intent:       read pods" in described
+    cancelled = run(kc, "cancel", "fix-it", "-n", agents)
+    assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
+    world.wait_phase(agents, "fix-it", "Cancelled")
+    again = run(kc, "cancel", "fix-it", "-n", agents)
+    assert again.returncode == 1 and "already ended: Cancelled" in again.stderr
+    audited = run(kc, "audit", "fix-it", "-n", agents)
+    assert audited.returncode == 0, audited.stderr
+    assert "granted" in audited.stdout and "Cancelled" in audited.stdout
+
+
+def test_exit_codes_scripts_can_use(world, operator):
+    agents, target = scene(world)
+    kc = world.kubeconfig
+    denied = run(
+        kc, "request", "too-much", "-n", agents, "--agent", "bot", "--intent", "x",
+        "--rule", f"{target}:delete:pods", "--wait", "--timeout", "30",
+    )  # fmt: skip
+    assert denied.returncode == 1 and "Denied" in denied.stdout, denied
+    missing = run(kc, "status", "nope", "-n", agents)
+    assert missing.returncode == 1 and "not found" in missing.stderr
+    bad = run(kc, "request", "x", "-n", agents, "--agent", "bot", "--intent", "x", "--rule", "oops")
+    assert bad.returncode == 2 and "NAMESPACE:VERBS:RESOURCES" in bad.stderr
+    later = run(kc, "approve", "too-much", "-n", agents)
+    assert later.returncode == 3 and "not in this version" in later.stderr
+    refused = run(
+        kc, "request", "Bad_Name", "-n", agents, "--agent", "bot", "--intent", "x",
+        "--rule", f"{target}:{READ_PODS}",
+    )  # fmt: skip
+    assert refused.returncode == 2 and "422" in refused.stderr
+    nothing = run(kc, "list", "-n", world.namespace("empty"))
+    assert nothing.returncode == 0 and "No AgentTasks found" in nothing.stderr
+    assert world.kube.get(AGENT_TASKS, agents, "Bad_Name") is None
+
+
+def test_help_has_examples():
+    out = subprocess.run(
+        [str(BIN / "kubectl-agentaccess"), "--help"], capture_output=True, text=True
+    ).stdout
+    assert "examples:" in out and "--wait" in out and "exit codes" in out
