@@ -211,6 +211,13 @@ TASK_SPEC = {
             "description": "Set true to end the grant now; the record is kept for audit. "
             "Cannot be set back to false.",
         },
+        "dryRun": {
+            "type": "boolean",
+            "default": False,
+            "description": "Decide the task exactly as a real one but issue nothing: it ends "
+            "Completed/DryRun with status.grants, expiresAt and policies showing what "
+            "would have been granted, or Denied with the real reason.",
+        },
         "audiences": strings("Token audiences (default: the API server's own).", max_items=8),
         "access": {
             "type": "array",
@@ -363,7 +370,8 @@ TASK_STATUS = {
         },
         "grants": {
             "type": "array",
-            "description": "What was actually granted, per namespace.",
+            "description": "What was actually granted, per namespace (after a dry run: what "
+            "would have been, without Role names).",
             "items": {
                 "type": "object",
                 "properties": {

@@ -127,6 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="notification body: CloudEvents 1.0 structured JSON (default) or Slack",
     )
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    check = sub.add_parser(
+        "check",
+        help="the decision for a task file, against the live cluster; nothing is created",
+        description="Decide an AgentTask file as the operator would, against the live "
+        "cluster's policies, namespaces, agent and pod, with the same engine; create "
+        "nothing. Exit 0 if it would be granted, 1 if denied.",
+    )
+    check.add_argument("-f", "--filename", required=True, help="the AgentTask (YAML; - for stdin)")
+    check.add_argument("-n", "--namespace", help="its namespace, if the file has none")
+    check.add_argument("--as", dest="as_user", help="decide as if this user asked (default: you)")
+    check.add_argument("--as-group", action="append", default=[], help="with --as: a group")
+    check.add_argument("-o", "--output", choices=["text", "json"], default="text")
+    for flag in ("--forbid-verb", "--forbid-resource", "--protect-resource"):
+        check.add_argument(flag, action="append", help="the operator's extra guardrail")
     audit = sub.add_parser(
         "audit",
         help="reconstruct an agent's path: requests, decisions, grants, revocations",
@@ -143,6 +157,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("-o", "--output", choices=["text", "json"], default="text")
     return parser
+
+
+def check_command(args: argparse.Namespace) -> int:
+    from .dryrun import check
+    from .kube import Kube
+    from .rules import DEFAULT_GUARDRAILS
+
+    guardrails = DEFAULT_GUARDRAILS.extended(
+        verbs=_split(args.forbid_verb),
+        resources=_split(args.forbid_resource),
+        write_protected=_split(args.protect_resource),
+    )
+    kube, namespace = Kube.from_kubeconfig()
+    try:
+        return check(
+            kube, args.filename, args.namespace or namespace, args.as_user, args.as_group,
+            args.output, guardrails,
+        )  # fmt: skip
+    except (OSError, ValueError) as exc:
+        print(f"check: {exc}", file=sys.stderr)
+        return 2
 
 
 def audit_command(args: argparse.Namespace) -> int:
@@ -393,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
             return run(args)
         if args.command == "audit":
             return audit_command(args)
+        if args.command == "check":
+            return check_command(args)
     except (ConfigError, KubeError) as exc:
         print(f"agent-access-operator: {exc}", file=sys.stderr)
         return 1

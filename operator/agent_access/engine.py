@@ -94,6 +94,8 @@ class TaskSpec:
     audiences: tuple[str, ...]
     access: tuple[AccessEntry, ...]
     requester: Requester | None = None
+    #: decide, issue nothing (Completed/DryRun, or the real denial)
+    dry_run: bool = False
 
     @property
     def target_namespaces(self) -> tuple[str, ...]:
@@ -175,6 +177,9 @@ def _parse_task_spec(
             if not rule.verbs:
                 raise SpecError(f"{where}: verbs is required")
         entries.append(AccessEntry(namespace=sys.intern(target), rules=rules))
+    dry_run = spec.get("dryRun", False)
+    if not isinstance(dry_run, bool):
+        raise SpecError("spec.dryRun must be true or false")
     pod_name = spec.get("podName") or None
     if pod_name is not None and not isinstance(pod_name, str):
         raise SpecError("spec.podName must be a string")
@@ -188,6 +193,7 @@ def _parse_task_spec(
         audiences=_strings(spec.get("audiences"), "spec.audiences"),
         access=tuple(entries),
         requester=requester,
+        dry_run=dry_run,
     )
 
 

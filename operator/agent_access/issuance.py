@@ -193,7 +193,49 @@ class Issuance:
         if isinstance(decision, Denied):
             self._deny(task, decision, spec)
             return
+        if spec.dry_run:
+            self._dry_run(task, spec, decision)
+            return
         self._grant(task, spec, world, decision, generation)
+
+    def _dry_run(self, task: Mapping[str, Any], spec: TaskSpec, decision: Granted) -> None:
+        """Granted, but only on paper: audit line, status, Event; nothing is created."""
+        now = self.clock()
+        uid = task["metadata"]["uid"]
+        self._first_seen.pop(uid, None)
+        message = "dry run: would be " + decision.summary()
+        grants = [
+            {"namespace": g.namespace, "rules": [r.to_dict() for r in g.rules]}
+            for g in decision.grants
+        ]
+        self.audit.write(
+            audit.record(
+                "ended",
+                task,
+                reason=Reason.DRY_RUN,
+                phase=Phase.COMPLETED,
+                message=message,
+                requested=_requested(spec),
+                requester=_requester(spec),
+                granted=grants,
+                policies=[
+                    {"name": p.key, "kind": p.kind, "resourceVersion": p.resource_version}
+                    for p in decision.policies
+                ],
+                expires_at=st.rfc3339(decision.expires_at),
+                ended_at=st.rfc3339(now),
+                now=now,
+            )
+        )
+        self._write_status(
+            task,
+            st.dry_run(
+                task, message, decision.expires_at, decision.policy_keys, grants, now,
+                _requester(spec),
+            ),
+        )  # fmt: skip
+        self.ended.add(uid)
+        self._event(task, "Normal", Reason.DRY_RUN, message, "DryRun", spec)
 
     def _deny(self, task: Mapping[str, Any], denied: Denied, spec: TaskSpec | None) -> None:
         self._close(task, spec, Phase.DENIED, denied.reason, denied.message, denied.detail)

@@ -86,6 +86,7 @@ class Reason(StrEnum):
     POD_SUCCEEDED = "PodSucceeded"
     POD_FAILED = "PodFailed"
     CANCELLED = "Cancelled"
+    DRY_RUN = "DryRun"
     # Revoked
     POD_DELETED = "PodDeleted"
     POLICY_CHANGED = "PolicyChanged"
@@ -102,6 +103,7 @@ END_PHASE: dict[Reason, Phase] = {
     Reason.POD_SUCCEEDED: Phase.COMPLETED,
     Reason.POD_FAILED: Phase.COMPLETED,
     Reason.CANCELLED: Phase.CANCELLED,
+    Reason.DRY_RUN: Phase.COMPLETED,
     Reason.POLICY_CHANGED: Phase.REVOKED,
     Reason.POLICY_DELETED: Phase.REVOKED,
     Reason.POD_DELETED: Phase.REVOKED,

@@ -27,7 +27,6 @@ LATER = {
     "approve": "human approval (AgentTaskApproval)",
     "deny": "human approval (AgentTaskApproval)",
     "advance": "staged tasks",
-    "check": "dry run",
     "suspend": "suspending an agent",
     "resume": "suspending an agent",
 }
@@ -46,6 +45,7 @@ EXAMPLES = """examples:
   kubectl agentaccess status incident-4711 -n agents -o yaml
   kubectl agentaccess cancel incident-4711 -n agents
   kubectl agentaccess audit incident-4711 -n agents
+  kubectl agentaccess check -f task.yaml          # the decision, nothing created
 
 exit codes: 0 done (request --wait: Active), 1 not the outcome asked for (Denied,
 not found, timed out, ...), 2 usage or API error, 3 not in this operator version
@@ -100,6 +100,12 @@ def parser() -> argparse.ArgumentParser:
     a = sub.add_parser("audit", parents=[common], help="an AgentTask's path: grants, ends")
     a.add_argument("name")
     a.add_argument("--audit-file", help="audit lines written by `run --audit-file`")
+    c = sub.add_parser(
+        "check", parents=[common], help="the decision for a task file; nothing is created"
+    )
+    c.add_argument("-f", "--filename", required=True, help="the AgentTask (YAML; - for stdin)")
+    c.add_argument("--as", dest="as_user", help="decide as if this user asked (default: you)")
+    c.add_argument("--as-group", action="append", default=[], help="with --as: a group")
     for name, feature in LATER.items():
         s = sub.add_parser(name, parents=[common], help=f"{feature} (not in this version)")
         s.add_argument("args", nargs="*")
@@ -281,6 +287,16 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(task_rows(tasks, args.all_namespaces, now))
         return 0
+    if args.command == "check":
+        from .dryrun import check
+
+        try:
+            return check(
+                kube, args.filename, ns, args.as_user, args.as_group,
+                "json" if args.output in ("json", "yaml") else "text",
+            )  # fmt: skip
+        except (OSError, ValueError) as exc:
+            raise Usage(str(exc)) from None
     if args.command == "audit":
         from .cli import audit_command
 

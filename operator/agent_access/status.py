@@ -115,6 +115,22 @@ def ended(
     return _final(task, END_PHASE[reason], reason, message, now, requester)
 
 
+def dry_run(
+    task: Mapping[str, Any],
+    message: str,
+    expires_at: datetime,
+    policies: list[str],
+    grants: list[dict[str, Any]],
+    now: datetime,
+    requester: Mapping[str, Any] | None = None,
+) -> dict:
+    """Decided as a real task would be, nothing issued: what would have been granted
+    (no identity, no token, no Role names: none exist)."""
+    status = _final(task, Phase.COMPLETED, Reason.DRY_RUN, message, now, requester)
+    status.update(expiresAt=rfc3339(expires_at), policies=policies, grants=grants)
+    return status
+
+
 def _final(
     task: Mapping[str, Any],
     phase: Phase,

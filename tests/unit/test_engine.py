@@ -298,3 +298,14 @@ def test_reevaluate_reasons():
     assert not isinstance(
         reassess(s, [policy(name="backup")], ns, ["payments/triage-read"]), Denied
     )
+
+
+def test_dry_run_is_a_boolean_of_the_spec():
+    from agent_access.engine import SpecError, parse_task_spec
+
+    base = {"agent": "bot", "intent": "x", "access": [{"rules": [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]}]}  # fmt: skip
+    assert parse_task_spec("ns", base).dry_run is False
+    assert parse_task_spec("ns", {**base, "dryRun": True}).dry_run is True
+    with pytest.raises(SpecError, match="dryRun"):
+        parse_task_spec("ns", {**base, "dryRun": "yes"})
