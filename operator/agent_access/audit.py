@@ -116,6 +116,7 @@ _DENIALS = {
     "PodNotFound",
     "RequesterNotAllowed",
     "AudienceNotAllowed",
+    "AgentSuspended",
 }
 
 

@@ -335,6 +335,8 @@ class World:
     agent_exists: bool = True
     #: The pod named by spec.podName, or None when it does not exist.
     pod: PodFacts | None = None
+    #: Why the agent is suspended (its ServiceAccount or its namespace), or None.
+    suspended: str | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -557,6 +559,8 @@ def evaluate(
             Reason.AGENT_NOT_FOUND,
             f"ServiceAccount {spec.agent!r} does not exist in namespace {spec.namespace}",
         )
+    if world.suspended:
+        return Denied(Reason.AGENT_SUSPENDED, world.suspended)
     if spec.pod_name:
         pod = world.pod
         if pod is None or pod.deleting:

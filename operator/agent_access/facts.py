@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 from .engine import PodFacts, Policy, SpecError, TaskSpec, World, parse_policy
 from .informers import SKIP, Informer, Key, OnChange, wait_synced
@@ -80,13 +80,35 @@ def pod_facts(pod: Mapping[str, Any] | None) -> PodFacts | None:
     )
 
 
-def _agent_uid(sa: Mapping[str, Any]) -> str | Any:
-    """A ServiceAccount that may be an agent: its UID. The operator's own per-task
-    identities (aat-*, a reserved prefix) are never agents: not kept."""
+#: On an agent's ServiceAccount (annotation) or its namespace (label): "true" suspends
+#: the agent (every agent of the namespace): live grants revoked, new tasks denied.
+SUSPENDED = "agentaccess.io/suspended"
+
+
+class AgentFacts(NamedTuple):
+    uid: str
+    suspended: bool
+
+
+def _agent(sa: Mapping[str, Any]) -> AgentFacts | Any:
+    """A ServiceAccount that may be an agent: its UID and whether it is suspended. The
+    operator's own per-task identities (aat-*, a reserved prefix) are never agents."""
     meta = sa.get("metadata") or {}
     if str(meta.get("name") or "").startswith(IDENTITY_PREFIX):
         return SKIP
-    return str(meta.get("uid") or "")
+    annotations = meta.get("annotations") or {}
+    return AgentFacts(str(meta.get("uid") or ""), annotations.get(SUSPENDED) == "true")
+
+
+def suspension(
+    namespace: str, agent: str, facts: AgentFacts | None, labels: Mapping[str, str] | None
+) -> str | None:
+    """Why the agent may not act now, or None."""
+    if facts is not None and facts.suspended:
+        return f"agent ServiceAccount {namespace}/{agent} is suspended (annotation {SUSPENDED})"
+    if labels is not None and labels.get(SUSPENDED) == "true":
+        return f"namespace {namespace} is suspended (label {SUSPENDED})"
+    return None
 
 
 class Cache:
@@ -114,8 +136,8 @@ class Cache:
         self.namespaces: Informer[dict[str, str]] = Informer(
             kube, NAMESPACES, _namespace_labels, self._report("on_namespace")
         )
-        self.service_accounts: Informer[str] = Informer(
-            kube, SERVICE_ACCOUNTS, _agent_uid, self._report("on_service_account")
+        self.service_accounts: Informer[AgentFacts] = Informer(
+            kube, SERVICE_ACCOUNTS, _agent, self._report("on_service_account")
         )
         self.pods: Informer[PodFacts] = Informer(
             kube, PODS, lambda b: pod_facts(b) or SKIP, self._report("on_pod")
@@ -196,6 +218,22 @@ class Facts:
             return True
         return self.kube.get(SERVICE_ACCOUNTS, namespace, name) is not None
 
+    def suspension(self, namespace: str, agent: str) -> str | None:
+        """Is the agent suspended? From the watches when they are ready (a suspension
+        they have not delivered yet revokes when they do), else read."""
+        cache = self._cached()
+        if cache is not None:
+            return suspension(
+                namespace, agent, cache.service_accounts.get(namespace, agent),
+                cache.namespaces.get(None, namespace),
+            )  # fmt: skip
+        sa = self.kube.get(SERVICE_ACCOUNTS, namespace, agent)
+        ns = self.kube.get(NAMESPACES, None, namespace)
+        return suspension(
+            namespace, agent, _agent(sa) if sa else None,
+            ((ns or {}).get("metadata") or {}).get("labels") or {},
+        )  # fmt: skip
+
     def pod(self, namespace: str, name: str, uid: str | None = None) -> PodFacts | None:
         """The pod as watched; if absent, deleting, finished or another UID than
         expected, confirmed by a read (which then decides)."""
@@ -218,11 +256,15 @@ class Facts:
         if cache is None:
             return self.world_from_api(spec), False
         targets = spec.target_namespaces
+        agent = cache.service_accounts.get(spec.namespace, spec.agent)
         return World(
             policies=self.policies(targets),
             namespaces=self.namespaces(targets),
-            agent_exists=cache.service_accounts.get(spec.namespace, spec.agent) is not None,
+            agent_exists=agent is not None,
             pod=cache.pods.get(spec.namespace, spec.pod_name) if spec.pod_name else None,
+            suspended=suspension(
+                spec.namespace, spec.agent, agent, cache.namespaces.get(None, spec.namespace)
+            ),
         ), True
 
     def world_from_api(self, spec: TaskSpec) -> World:
@@ -233,10 +275,18 @@ class Facts:
         policies = [submit(self.kube.list, ACCESS_POLICIES, t) for t in targets]
         cluster = submit(self.kube.list, CLUSTER_ACCESS_POLICIES)
         agent = submit(self.kube.get, SERVICE_ACCOUNTS, spec.namespace, spec.agent)
+        home = submit(self.kube.get, NAMESPACES, None, spec.namespace)
         pod = submit(self.kube.get, PODS, spec.namespace, spec.pod_name) if spec.pod_name else None
+        sa = agent.result()
         return World(
             policies=parse_policies([p for f in policies for p in f.result()], cluster.result()),
             namespaces=namespace_labels([ns for f in namespaces if (ns := f.result())]),
-            agent_exists=agent.result() is not None,
+            agent_exists=sa is not None,
             pod=pod_facts(pod.result()) if pod else None,
+            suspended=suspension(
+                spec.namespace,
+                spec.agent,
+                _agent(sa) if sa else None,
+                ((home.result() or {}).get("metadata") or {}).get("labels") or {},
+            ),
         )

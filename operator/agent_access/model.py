@@ -81,6 +81,7 @@ class Reason(StrEnum):
     POD_NOT_FOUND = "PodNotFound"
     REQUESTER_NOT_ALLOWED = "RequesterNotAllowed"
     AUDIENCE_NOT_ALLOWED = "AudienceNotAllowed"
+    AGENT_SUSPENDED = "AgentSuspended"  # also Revoked
     # Expired / Completed / Cancelled
     TTL_EXPIRED = "TTLExpired"
     POD_SUCCEEDED = "PodSucceeded"
@@ -108,6 +109,7 @@ END_PHASE: dict[Reason, Phase] = {
     Reason.POLICY_DELETED: Phase.REVOKED,
     Reason.POD_DELETED: Phase.REVOKED,
     Reason.AGENT_NOT_FOUND: Phase.REVOKED,
+    Reason.AGENT_SUSPENDED: Phase.REVOKED,
     Reason.ISSUE_FAILED: Phase.FAILED,
     Reason.TASK_DELETED: Phase.REVOKED,
 }

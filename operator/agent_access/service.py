@@ -31,7 +31,7 @@ from .engine import (
     parse_task,
     reassess,
 )
-from .facts import Cache, Facts
+from .facts import SUSPENDED, AgentFacts, Cache, Facts
 from .faults import checkpoint
 from .informers import Key
 from .issuance import Issuance, _requested, _requester, _stub
@@ -269,6 +269,10 @@ class Service(Issuance):
         if not self.facts.agent_exists(spec.namespace, spec.agent):
             self.revoke(grant, Reason.AGENT_NOT_FOUND, f"agent ServiceAccount {spec.agent} deleted")
             return
+        why = self.facts.suspension(spec.namespace, spec.agent)
+        if why:
+            self.revoke(grant, Reason.AGENT_SUSPENDED, why)
+            return
         if spec.pod_name:
             pod = self.facts.pod(spec.namespace, spec.pod_name, grant.pod_uid)
             reason = pod_end_reason(pod, grant.pod_uid)
@@ -438,10 +442,18 @@ class Service(Issuance):
         if self.registry.has_pod(ns, name):
             self.pool.submit(self.on_pod, ns, name, new)
 
-    def _service_account_event(self, kind: str, key: Key, old: str | None, new: str | None) -> None:
-        if new is not None and (old is None or old == new):
+    def _service_account_event(
+        self, kind: str, key: Key, old: AgentFacts | None, new: AgentFacts | None
+    ) -> None:
+        ns, name = key
+        if new is not None and new.suspended and not (old is not None and old.suspended):
+            self.registry.bump()  # a grant being issued right now re-checks too
+            if self.registry.has_agent(ns, name):
+                self.pool.submit(self.on_agent_suspended, ns, name, f"agent ServiceAccount "
+                                 f"{ns}/{name} is suspended (annotation {SUSPENDED})")  # fmt: skip
+        if new is not None and (old is None or old.uid == new.uid):
             return  # created, or changed but the same object
-        ns, name = key  # deleted, or deleted and created again while the watch was down
+        # deleted, or deleted and created again while the watch was down
         self.registry.bump()
         if self.registry.has_agent(ns, name):
             self.pool.submit(self.on_service_account_deleted, ns, name)
@@ -450,7 +462,14 @@ class Service(Issuance):
         if old != new:
             self._reevaluate_later(key[0] or None)
 
-    def _namespace_event(self, kind: str, key: Key, old: object, new: object) -> None:
+    def _namespace_event(self, kind: str, key: Key, old: Any, new: Any) -> None:
+        was = old is not None and old.get(SUSPENDED) == "true"
+        if new is not None and new.get(SUSPENDED) == "true" and not was:
+            self.registry.bump()
+            self.pool.submit(
+                self.on_agent_suspended, key[1], None,
+                f"namespace {key[1]} is suspended (label {SUSPENDED})",
+            )  # fmt: skip
         if old is not None and old != new:  # relabelled, being deleted, or gone
             self._reevaluate_later(key[1])
 
@@ -485,6 +504,15 @@ class Service(Issuance):
             reason = pod_end_reason(pod, grant.pod_uid)
             if reason:
                 self.revoke(grant, reason, self._pod_message(name, reason))
+
+    def on_agent_suspended(self, namespace: str, agent: str | None, why: str) -> None:
+        """Every live grant of the agent (every agent of the namespace: None) ends."""
+        if agent is not None:
+            grants = self.registry.for_agent(namespace, agent)
+        else:
+            grants = [g for g in self.registry.all() if g.namespace == namespace]
+        for grant in grants:
+            self.revoke(grant, Reason.AGENT_SUSPENDED, why)
 
     def on_service_account_deleted(self, namespace: str, name: str) -> None:
         for grant in self.registry.for_agent(namespace, name):

@@ -309,3 +309,21 @@ def test_dry_run_is_a_boolean_of_the_spec():
     assert parse_task_spec("ns", {**base, "dryRun": True}).dry_run is True
     with pytest.raises(SpecError, match="dryRun"):
         parse_task_spec("ns", {**base, "dryRun": "yes"})
+
+
+def test_a_suspended_agent_is_denied_before_anything_else_is_looked_at():
+    from datetime import UTC, datetime
+
+    from agent_access.engine import Denied, World, evaluate, parse_task_spec
+    from agent_access.facts import AgentFacts, suspension
+
+    spec = parse_task_spec("agents", {"agent": "bot", "intent": "x", "access": [{"rules": [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]}]})  # fmt: skip
+    why = suspension("agents", "bot", AgentFacts("u", True), {})
+    assert why and "agents/bot is suspended" in why
+    assert "namespace agents" in suspension("agents", "bot", AgentFacts("u", False),
+                                            {"agentaccess.io/suspended": "true"})  # fmt: skip
+    assert suspension("agents", "bot", AgentFacts("u", False), {"x": "true"}) is None
+    assert suspension("agents", "bot", None, {"agentaccess.io/suspended": "false"}) is None
+    decision = evaluate(spec, World(suspended=why), datetime.now(UTC))
+    assert isinstance(decision, Denied) and decision.reason == "AgentSuspended"
