@@ -254,7 +254,9 @@ TASK_SPEC = {
             " && has(self.ttl) == has(oldSelf.ttl) && (!has(self.ttl) || self.ttl == oldSelf.ttl)"
             " && has(self.podName) == has(oldSelf.podName)"
             " && (!has(self.podName) || self.podName == oldSelf.podName)"
-            " && has(self.audiences) == has(oldSelf.audiences)",
+            " && has(self.audiences) == has(oldSelf.audiences)"
+            " && has(self.dryRun) == has(oldSelf.dryRun)"
+            " && (!has(self.dryRun) || self.dryRun == oldSelf.dryRun)",
             "message": "spec is immutable except cancel: create a new AgentTask to ask for "
             "different access",
         },

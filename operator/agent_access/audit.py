@@ -92,11 +92,13 @@ class AuditLog:
             if self.path:
                 with open(self.path, "a", encoding="utf-8") as f:
                     f.write(line + "\n")
-        for listener in self.listeners:
-            try:
-                listener(entry)
-            except Exception:
-                log.exception("audit listener failed")
+            # inside the lock, so listeners see records in the order of the lines
+            # (they only enqueue: never blocking)
+            for listener in self.listeners:
+                try:
+                    listener(entry)
+                except Exception:
+                    log.exception("audit listener failed")
 
 
 # ---------------------------------------------------------------------------

@@ -139,8 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--as", dest="as_user", help="decide as if this user asked (default: you)")
     check.add_argument("--as-group", action="append", default=[], help="with --as: a group")
     check.add_argument("-o", "--output", choices=["text", "json"], default="text")
-    for flag in ("--forbid-verb", "--forbid-resource", "--protect-resource"):
-        check.add_argument(flag, action="append", help="the operator's extra guardrail")
+    for flag in ("--forbid-verb", "--forbid-resource", "--protect-resource", "--grant-namespace"):
+        check.add_argument(flag, action="append", help="as the operator runs with it")
+    check.add_argument(
+        "--operator-namespace",
+        default="agent-access-system",
+        help="the operator's namespace, never granted into (default agent-access-system)",
+    )
     audit = sub.add_parser(
         "audit",
         help="reconstruct an agent's path: requests, decisions, grants, revocations",
@@ -160,22 +165,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_command(args: argparse.Namespace) -> int:
+    import yaml
+
     from .dryrun import check
-    from .kube import Kube
+    from .kube import ConfigError, Kube, KubeError
     from .rules import DEFAULT_GUARDRAILS
 
     guardrails = DEFAULT_GUARDRAILS.extended(
         verbs=_split(args.forbid_verb),
         resources=_split(args.forbid_resource),
         write_protected=_split(args.protect_resource),
+        target_namespaces=_split(args.grant_namespace) or None,
+        protected_namespaces=[args.operator_namespace] if args.operator_namespace else [],
     )
-    kube, namespace = Kube.from_kubeconfig()
     try:
+        kube, namespace = Kube.from_kubeconfig()
         return check(
             kube, args.filename, args.namespace or namespace, args.as_user, args.as_group,
             args.output, guardrails,
         )  # fmt: skip
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, yaml.YAMLError, ConfigError, KubeError) as exc:
         print(f"check: {exc}", file=sys.stderr)
         return 2
 

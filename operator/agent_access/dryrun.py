@@ -21,6 +21,9 @@ from .facts import Facts
 from .kube import Kube
 from .rules import DEFAULT_GUARDRAILS, Guardrails
 
+#: What `check` assumes without flags: the built-in guardrails and the chart's namespace
+DEFAULT_CHECK_GUARDRAILS = DEFAULT_GUARDRAILS.extended(protected_namespaces=["agent-access-system"])
+
 
 def who_am_i(kube: Kube) -> Requester | None:
     """The caller as the API server authenticates it (authentication.k8s.io SelfSubjectReview)."""

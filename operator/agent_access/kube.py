@@ -150,6 +150,8 @@ class Kube:
         """For command-line tools, as kubectl: the kubeconfig (path, else KUBECONFIG, else
         ~/.kube/config) and its context's namespace; in a pod without one, the pod's
         service account."""
+        import os
+
         config = kubernetes.client.Configuration()
         try:
             kubernetes.config.load_kube_config(
@@ -161,13 +163,19 @@ class Kube:
                 active = next((c for c in contexts if c["name"] == context), active)
             namespace = (active.get("context") or {}).get("namespace")
         except (kubernetes.config.ConfigException, OSError) as exc:
-            if path or context:
+            if path or context or os.environ.get("KUBECONFIG"):  # asked for, and broken
                 raise ConfigError(f"cannot use the kubeconfig: {exc}") from None
             try:
                 kubernetes.config.load_incluster_config(client_configuration=config)
             except kubernetes.config.ConfigException:
                 raise ConfigError(f"no cluster to talk to: set KUBECONFIG ({exc})") from None
-            namespace = None
+            namespace = None  # in a pod, as kubectl: the pod's own namespace
+            sa_ns = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+            if os.environ.get("POD_NAMESPACE"):
+                namespace = os.environ["POD_NAMESPACE"]
+            elif os.path.exists(sa_ns):
+                with open(sa_ns, encoding="utf-8") as f:
+                    namespace = f.read().strip() or None
         return cls(kubernetes.client.ApiClient(config), **kwargs), namespace
 
     # -- the one place requests are made ---------------------------------------

@@ -54,47 +54,68 @@ DATA_FIELDS = (
     "expiresAt",
     "endedAt",
 )
-QUEUE_LIMIT = 1000
+QUEUE_LIMIT = 1000  # events per receiver
+QUEUE_BYTES = 4 << 20  # and their bodies' size: a tenant's huge intents cannot grow memory
+TEXT_LIMIT = 1024  # characters of intent and message carried (the audit line has them whole)
 BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0)  # seconds before each retry; then given up
 TIMEOUT = 5.0  # seconds per attempt (connect and response)
 
 
-def event_type(record: Mapping[str, Any]) -> str:
+def event_type(record: Mapping[str, Any]) -> str | None:
     """granted and denied as such; any end by the phase it ends in (revoked, expired,
-    completed, cancelled, failed)."""
+    completed, cancelled, failed). None for bookkeeping that is no decision: the
+    deletion of a task that held no grant (its decision was sent when it was taken)."""
     event = str(record.get("event"))
     if event in ("granted", "denied"):
         return TYPE_PREFIX + event
+    if event == "deleted":
+        return None
     return TYPE_PREFIX + str(record.get("phase") or "revoked").lower()
 
 
-def cloudevent(record: Mapping[str, Any]) -> dict[str, Any]:
-    """The CloudEvent for one audit record. Purely computational."""
+def _data(record: Mapping[str, Any]) -> dict[str, Any]:
+    data = {k: record.get(k) for k in DATA_FIELDS}
+    for k in ("intent", "message"):
+        text = data[k]
+        if isinstance(text, str) and len(text) > TEXT_LIMIT:
+            data[k] = text[:TEXT_LIMIT] + "…"
+    return data
+
+
+def cloudevent(record: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """The CloudEvent of type `kind` for one audit record. Purely computational."""
     task = record.get("task") or {}
     return {
         "specversion": "1.0",
         "id": str(uuid.uuid4()),
         "source": SOURCE,
-        "type": event_type(record),
+        "type": kind,
         "subject": f"{task.get('namespace')}/{task.get('name')}",
         "time": record.get("time"),
         "datacontenttype": "application/json",
-        "data": {k: record.get(k) for k in DATA_FIELDS},
+        "data": _data(record),
     }
 
 
-def slack_message(record: Mapping[str, Any]) -> dict[str, Any]:
+def _slack_escape(value: Any) -> str:
+    """Slack's control characters: an intent cannot ping a channel or hide a link."""
+    return str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def slack_message(record: Mapping[str, Any], kind: str) -> dict[str, Any]:
     """A Slack incoming-webhook message for one audit record. Purely computational."""
     task = record.get("task") or {}
-    what = event_type(record).removeprefix(TYPE_PREFIX)
+    data = _data(record)
+    what = kind.removeprefix(TYPE_PREFIX)
+    e = _slack_escape
     who = (record.get("requester") or {}).get("username") or "unknown"
     text = (
-        f"*{what}*: AgentTask `{task.get('namespace')}/{task.get('name')}` for agent "
-        f"`{record.get('agent')}` ({record.get('reason')}): {record.get('message')}\n"
-        f"intent: {record.get('intent')!r} · asked by {who}"
+        f"*{what}*: AgentTask `{e(task.get('namespace'))}/{e(task.get('name'))}` for agent "
+        f"`{e(record.get('agent'))}` ({e(record.get('reason'))}): {e(data['message'])}\n"
+        f"intent: {e(data['intent'])} · asked by {e(who)}"
     )
     if what == "granted":
-        text += f" · until {record.get('expiresAt')}"
+        text += f" · until {e(record.get('expiresAt'))}"
     return {"text": text}
 
 
@@ -109,10 +130,11 @@ def verify(secret: bytes, body: bytes, header: str, now: float, tolerance: float
     try:
         parts = dict(p.split("=", 1) for p in header.split(","))
         t = int(parts["t"])
-    except (KeyError, ValueError):
+        given = parts["v1"].encode("ascii")
+    except (KeyError, ValueError, UnicodeEncodeError):
         return False
     expected = hmac.new(secret, f"{t}.".encode() + body, hashlib.sha256).hexdigest()
-    return abs(now - t) <= tolerance and hmac.compare_digest(expected, parts.get("v1", ""))
+    return abs(now - t) <= tolerance and hmac.compare_digest(expected.encode(), given)
 
 
 class Receiver:
@@ -131,19 +153,21 @@ class Receiver:
         self.observe = observe
         self.post = post or _post
         self.sleep = sleep
-        self.queue: collections.deque[dict[str, Any]] = collections.deque()
+        self.queue: collections.deque[bytes] = collections.deque()
+        self.queued_bytes = 0
         self.cond = threading.Condition()
         self.stopped = False
         self.thread = threading.Thread(target=self._run, name="notify", daemon=True)
         self.thread.start()
 
-    def put(self, message: dict[str, Any]) -> None:
-        """Never blocks: a full queue drops its oldest event."""
+    def put(self, body: bytes) -> None:
+        """Never blocks: a full queue (by count or size) drops its oldest events."""
         with self.cond:
-            if len(self.queue) >= QUEUE_LIMIT:
-                self.queue.popleft()
+            self.queue.append(body)
+            self.queued_bytes += len(body)
+            while len(self.queue) > QUEUE_LIMIT or self.queued_bytes > QUEUE_BYTES:
+                self.queued_bytes -= len(self.queue.popleft())
                 self.observe("dropped")
-            self.queue.append(message)
             self.cond.notify()
 
     def stop(self) -> None:
@@ -158,11 +182,11 @@ class Receiver:
                     self.cond.wait()
                 if self.stopped:
                     return
-                message = self.queue.popleft()
-            self._deliver(message)
+                body = self.queue.popleft()
+                self.queued_bytes -= len(body)
+            self._deliver(body)
 
-    def _deliver(self, message: dict[str, Any]) -> None:
-        body = json.dumps(message, separators=(",", ":"), default=str).encode()
+    def _deliver(self, body: bytes) -> None:
         content = (
             "application/cloudevents+json" if self.fmt == "cloudevents" else "application/json"
         )
@@ -179,20 +203,33 @@ class Receiver:
             if 200 <= status < 300:
                 self.observe("delivered")
                 return
-            if 400 <= status < 500 and status not in (408, 429):
-                break  # the receiver refuses this event: retrying will not help
+            if 300 <= status < 500 and status not in (408, 429):
+                break  # refused, or redirected (never followed): retrying will not help
             if pause is None or self.stopped:
                 break
-            log.debug("notification to %s failed (%s), attempt %d", self.url, why, attempt + 1)
+            log.debug(
+                "notification to %s failed (%s), attempt %d", _redact(self.url), why, attempt + 1
+            )
             self.sleep(pause)
         log.warning("notification to %s given up (%s)", _redact(self.url), why)
         self.observe("failed")
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is an answer, never followed: it would turn the POST into a GET that
+    carries the signature to wherever the receiver points."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 def _post(url: str, body: bytes, headers: dict[str, str]) -> int:
     req = urllib.request.Request(url, data=body, headers=headers, method="POST")
     try:
-        with urllib.request.urlopen(req, timeout=TIMEOUT) as r:
+        with _OPENER.open(req, timeout=TIMEOUT) as r:
             r.read(1024)
             return int(r.status)
     except urllib.error.HTTPError as exc:
@@ -200,9 +237,11 @@ def _post(url: str, body: bytes, headers: dict[str, str]) -> int:
 
 
 def _redact(url: str) -> str:
-    """Webhook URLs often carry their credential in the path (Slack): log the host only."""
+    """Webhook URLs often carry their credential (Slack's path, user:password@): log the
+    scheme and host only."""
     parts = urllib.parse.urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}/…"
+    host = parts.hostname or "?"
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}/…"
 
 
 class Notifier:
@@ -221,9 +260,13 @@ class Notifier:
         self.receivers = [Receiver(u, secret, fmt, observe) for u in urls]
 
     def __call__(self, record: Mapping[str, Any]) -> None:
-        message = slack_message(record) if self.fmt == "slack" else cloudevent(record)
+        kind = event_type(record)
+        if kind is None:
+            return
+        message = slack_message(record, kind) if self.fmt == "slack" else cloudevent(record, kind)
+        body = json.dumps(message, separators=(",", ":"), default=str).encode()
         for receiver in self.receivers:
-            receiver.put(message)
+            receiver.put(body)
 
     def stop(self) -> None:
         for receiver in self.receivers:

@@ -288,14 +288,16 @@ def run(args: argparse.Namespace) -> int:
             print(task_rows(tasks, args.all_namespaces, now))
         return 0
     if args.command == "check":
-        from .dryrun import check
+        import yaml
+
+        from .dryrun import DEFAULT_CHECK_GUARDRAILS, check
 
         try:
             return check(
                 kube, args.filename, ns, args.as_user, args.as_group,
-                "json" if args.output in ("json", "yaml") else "text",
+                "json" if args.output in ("json", "yaml") else "text", DEFAULT_CHECK_GUARDRAILS,
             )  # fmt: skip
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, yaml.YAMLError) as exc:
             raise Usage(str(exc)) from None
     if args.command == "audit":
         from .cli import audit_command

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from agent_access.kube import AGENT_TASKS, SECRETS, SERVICE_ACCOUNTS
+from agent_access.kube import AGENT_TASKS, SECRETS, SERVICE_ACCOUNTS, KubeError
+
+from .cluster import wait_for
 
 READ = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]
 BIN = Path(sys.executable).parent
@@ -48,7 +50,12 @@ def test_a_dry_run_is_decided_like_a_real_task_and_creates_nothing(world, operat
     assert st["expiresAt"] and "serviceAccountName" not in st and "tokenSecretName" not in st
     assert "dry run: would be granted 1 rule in" in st["message"]
     nothing_issued(world, agents, task)
-    events = world.events(agents, "paper")
+    try:  # a dry run stays one: the spec is immutable
+        world.kube.merge_patch(AGENT_TASKS, agents, "paper", {"spec": {"dryRun": False}})
+        raise AssertionError("dryRun was changed after creation")
+    except KubeError as exc:
+        assert exc.status == 422 and "immutable" in str(exc), exc
+    events = wait_for(lambda: world.events(agents, "paper"), 5, what="the DryRun Event")
     assert [e["reason"] for e in events] == ["DryRun"]
     lines = [
         line for line in operator.audit_lines() if line["task"]["uid"] == task["metadata"]["uid"]

@@ -111,21 +111,35 @@ def test_each_decision_reaches_the_receiver_signed_and_without_the_token(
         assert task["status"]["tokenSecretName"] not in body.decode()
 
 
-def test_a_receiver_that_hangs_delays_no_revocation_and_no_other_receiver(world, solo, sinks):
+def test_a_receiver_that_hangs_delays_no_grant_no_revocation_and_no_other_receiver(
+    world, solo, sinks
+):
+    """The hung receiver holds the first event; every later decision still takes its
+    usual time. (Audit lines, and so notifications, are written before a grant's status
+    and after a revocation's bindings: a notifier that blocked would hold up the second
+    task's Active and its Cancelled status for the receiver's whole hang.)"""
     hung, good = sinks(hang=True), sinks()
     solo(args=["--notify-url", hung.url, "--notify-url", good.url])
     agents, target = scene(world)
+    world.task(agents, "first", "bot", [{"namespace": target, "rules": READ_PODS}])
+    world.wait_phase(agents, "first", "Active")
+    wait_for(lambda: hung.received, 5, what="the hung receiver holds the first event")
+    started = time.monotonic()
     world.task(agents, "t", "bot", [{"namespace": target, "rules": READ_PODS}])
-    task = world.wait_phase(agents, "t", "Active")
+    task = world.wait_phase(agents, "t", "Active", 5)
+    granted = time.monotonic() - started
     client = as_token(world.kubeconfig, world.token(task))
     assert list_pods_status(client, target) == 200
-    wait_for(lambda: hung.received, 5, what="the hung receiver holds the first event")
     started = time.monotonic()
     world.kube.merge_patch(AGENT_TASKS, agents, "t", {"spec": {"cancel": True}})
     poll_status(lambda: list_pods_status(client, target), {401, 403}, 2.0)
-    took = time.monotonic() - started
-    record_timing("cancel -> 403 with a hung notification receiver", took)
-    assert took < 0.5, f"cancel -> 403 took {took:.3f} s"
+    revoked = time.monotonic() - started
+    world.wait_phase(agents, "t", "Cancelled", 5)
+    recorded = time.monotonic() - started
+    record_timing("grant with a hung notification receiver", granted)
+    record_timing("cancel -> 403 with a hung notification receiver", revoked)
+    record_timing("cancel -> Cancelled status with a hung receiver", recorded)
+    assert granted < 3 and revoked < 1 and recorded < 3, (granted, revoked, recorded)
     # the good receiver is not held up behind the hung one
     wait_for(
         lambda: (
