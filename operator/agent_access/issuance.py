@@ -84,6 +84,14 @@ def _requested(spec: TaskSpec) -> list[dict[str, Any]]:
     ]
 
 
+def _policy_refs(decision: Granted) -> list[dict[str, str]]:
+    """The policies that allowed it, as audit lines name them."""
+    return [
+        {"name": p.key, "kind": p.kind, "resourceVersion": p.resource_version}
+        for p in decision.policies
+    ]
+
+
 def _requester(spec: TaskSpec | None) -> dict[str, Any] | None:
     return spec.requester.to_dict() if spec and spec.requester else None
 
@@ -218,10 +226,7 @@ class Issuance:
                 requested=_requested(spec),
                 requester=_requester(spec),
                 granted=grants,
-                policies=[
-                    {"name": p.key, "kind": p.kind, "resourceVersion": p.resource_version}
-                    for p in decision.policies
-                ],
+                policies=_policy_refs(decision),
                 expires_at=st.rfc3339(decision.expires_at),
                 ended_at=st.rfc3339(now),
                 now=now,
@@ -423,10 +428,7 @@ class Issuance:
                 requested=_requested(spec),
                 requester=_requester(spec),
                 granted=[g.to_status() for g in plan.grants],
-                policies=[
-                    {"name": p.key, "kind": p.kind, "resourceVersion": p.resource_version}
-                    for p in decision.policies
-                ],
+                policies=_policy_refs(decision),
                 objects=self._object_list(plan),
                 granted_at=st.rfc3339(decision.granted_at),
                 expires_at=st.rfc3339(decision.expires_at),

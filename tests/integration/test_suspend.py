@@ -28,6 +28,16 @@ def grant(world, agents, target, name, agent="bot"):
     return task
 
 
+def acts_again(world, agents, target, agent):
+    """Once the mark is gone, a new task of the agent is granted again."""
+
+    def granted() -> bool:
+        name = f"again-{time.monotonic_ns()}"
+        return grant(world, agents, target, name, agent)["status"]["phase"] == "Active"
+
+    wait_for(granted, 10, 0.5, what=f"{agent} acts again once the mark is gone")
+
+
 def ended_suspended(world, agents, task):
     done = world.wait_phase(agents, task["metadata"]["name"], "Revoked")
     assert done["status"]["reason"] == "AgentSuspended", done["status"]
@@ -61,14 +71,7 @@ def test_suspending_an_agent_revokes_its_grants_at_once_and_denies_it_new_ones(w
     world.kube.merge_patch(
         SERVICE_ACCOUNTS, agents, "bot", {"metadata": {"annotations": {MARK: None}}}
     )
-    wait_for(
-        lambda: (
-            grant(world, agents, target, f"a4-{time.monotonic_ns()}")["status"]["phase"] == "Active"
-        ),
-        10,
-        0.5,
-        what="the agent acts again once the annotation is gone",
-    )
+    acts_again(world, agents, target, "bot")
 
 
 def test_suspending_a_namespace_revokes_every_agent_in_it(world, operator):
@@ -88,11 +91,4 @@ def test_suspending_a_namespace_revokes_every_agent_in_it(world, operator):
     refused = grant(world, agents, target, "n3", "other")
     assert refused["status"]["reason"] == "AgentSuspended"
     world.kube.merge_patch(NAMESPACES, None, agents, {"metadata": {"labels": {MARK: None}}})
-    wait_for(
-        lambda: (
-            grant(world, agents, target, f"n4-{time.monotonic_ns()}")["status"]["phase"] == "Active"
-        ),
-        10,
-        0.5,
-        what="the namespace acts again once the label is gone",
-    )
+    acts_again(world, agents, target, "other")
