@@ -522,6 +522,54 @@ class Bench:
             self.kube.delete(AGENT_TASKS, self.agents, name)
         return out
 
+    def bench_suspend(self, n: int = 100, sample: int = 10) -> dict:
+        """n live grants of one agent; annotating its ServiceAccount suspended -> the
+        first 403 of `sample` of them (probing all n at once would load the API server
+        more than the revocation does), and until every one of its RoleBindings is gone."""
+        agent = self.name("suspend")
+        self.world.service_account(self.agents, agent)
+        self.world.policy(self.target, agent, [(self.agents, agent)], READ)
+        names = [self.name("susp") for _ in range(n)]
+        for name in names:
+            self.world.task(self.agents, name, agent, [{"namespace": self.target, "rules": READ}])
+        tasks = [self.wait_active(self.agents, name, timeout=60) for name in names]
+        bindings = {g["roleBindingName"] for t in tasks for g in t["status"]["grants"]}
+        clients = [self.client(self.token_of(t)) for t in tasks[:: max(1, n // sample)]]
+        for client in clients:
+            wait_status(lambda c=client: probe(c, self.target), {200}, 10, POLL)
+        time.sleep(SETTLE)
+        out: list[float] = []
+        go = threading.Event()
+
+        def watch(client: Kube) -> None:
+            go.wait()
+            t403 = wait_status(lambda: probe(client, self.target), {401, 403}, 10, POLL)
+            out.append(t403 - start)
+
+        threads = [threading.Thread(target=watch, args=(c,), daemon=True) for c in clients]
+        for thread in threads:
+            thread.start()
+        start = time.monotonic()
+        self.kube.merge_patch(
+            SERVICE_ACCOUNTS,
+            self.agents,
+            agent,
+            {"metadata": {"annotations": {"agentaccess.io/suspended": "true"}}},
+        )
+        go.set()
+        while {
+            b["metadata"]["name"] for b in self.kube.list(ROLE_BINDINGS, self.target)
+        } & bindings:
+            if time.monotonic() - start > 60:
+                break
+            time.sleep(0.01)
+        all_gone = time.monotonic() - start
+        for thread in threads:
+            thread.join(30)
+        for name in names:
+            self.kube.delete(AGENT_TASKS, self.agents, name)
+        return {"grants": n, "sampled": len(out), "403": summarize(out), "all_gone_s": all_gone}
+
     # -- scale ------------------------------------------------------------------------------
 
     def apiserver_requests(self) -> float:
@@ -899,6 +947,10 @@ def write_markdown(result: dict, path: Path) -> None:
         f"| one policy change revokes 20 grants, each -> 403 | "
         f"{ms(result['burst_revoke_20_403']['p50'])} | "
         f"{ms(result['burst_revoke_20_403']['p99'])} | |",
+        "| suspending an agent with 100 live grants -> 403 (10 sampled; all its "
+        f"RoleBindings gone in {ms(result['suspend_100']['all_gone_s'])}) | "
+        f"{ms(result['suspend_100']['403']['p50'])} | "
+        f"{ms(result['suspend_100']['403']['p99'])} | |",
         "",
         "## Revocation: trigger -> first refused request (403) and -> token no longer "
         "authenticates (401)",
@@ -1029,6 +1081,8 @@ def main() -> int:
         ttl_staggered = bench.bench_ttl_staggered(staggered)
         print("bench: one policy change revokes 20 grants", flush=True)
         burst = [x for _ in range(1 if args.quick else 3) for x in bench.bench_burst_revoke(20)]
+        print("bench: suspending an agent with 100 live grants", flush=True)
+        suspend = bench.bench_suspend(100)
         churn = big = None
         if args.quick:
             print("bench: 200 grants at once", flush=True)
@@ -1066,6 +1120,7 @@ def main() -> int:
         "apiserver_consistent_list_after_write": summarize(consistent_wait),
         "ttl_expiry_staggered_403": summarize(ttl_staggered),
         "burst_revoke_20_403": summarize(burst),
+        "suspend_100": suspend,
         "revoke_403": {t: summarize(v) for t, v in r403.items()},
         "revoke_401": {t: summarize(v) for t, v in r401.items()},
         "scale": scale,
@@ -1096,6 +1151,8 @@ def main() -> int:
         "grants_back_to_back_each_s": result["grants_back_to_back"]["p50"],
         "grants_back_to_back_each_p99_s": result["grants_back_to_back"]["p99"],
         "burst_revoke_20_p99_s": result["burst_revoke_20_403"]["p99"],
+        "suspend_100_403_p99_s": suspend["403"]["p99"],
+        "suspend_100_all_bindings_gone_s": suspend["all_gone_s"],
         "revoke_401_p99_s": {t: result["revoke_401"][t]["p99"] for t in TRIGGERS},
         "api_requests_per_grant": scale["api_requests_per_grant"],
         "grants_per_s": scale["grants_per_s"],

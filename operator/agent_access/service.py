@@ -511,8 +511,7 @@ class Service(Issuance):
             grants = self.registry.for_agent(namespace, agent)
         else:
             grants = [g for g in self.registry.all() if g.namespace == namespace]
-        for grant in grants:
-            self.revoke(grant, Reason.AGENT_SUSPENDED, why)
+        self._end_all(grants, Denied(Reason.AGENT_SUSPENDED, why))
 
     def on_service_account_deleted(self, namespace: str, name: str) -> None:
         for grant in self.registry.for_agent(namespace, name):
@@ -552,7 +551,23 @@ class Service(Issuance):
                 ending.append((grant, verdict, self.pool.submit(self._drop_bindings, grant)))
             else:
                 self._clamp(grant, verdict)
-        # Not waited for: the next change is re-evaluated while these finish.
+        self._finish_all(ending, triggered)
+
+    def _end_all(self, grants: list[LiveGrant], denied: Denied) -> None:
+        """Many grants end for one reason (a suspension): every binding first, at once,
+        then the rest, as a policy change does."""
+        triggered = self.clock()
+        ending = [
+            (g, denied, self.pool.submit(self._drop_bindings, g))
+            for g in grants
+            if g.uid not in self._ending
+        ]
+        self._finish_all(ending, triggered)
+
+    def _finish_all(
+        self, ending: list[tuple[LiveGrant, Denied, Future[None]]], triggered: datetime
+    ) -> None:
+        # Not waited for: the next change is handled while these finish.
         # The rest starts once every binding of this pass is gone: nothing competes with
         # the 403s, and the cleanup then runs at low concurrency.
         drops = [dropped for _, _, dropped in ending]
