@@ -405,6 +405,12 @@ class Issuance:
         try:
             plan = replace(plan, object_uids=self._create_objects(task, plan, decision, world.pod))
         except KubeError as exc:
+            if exc.transient:
+                # The API server throttles or fails (after the client's own retries):
+                # nothing of the grant stays (rolled back, or replaced by the next
+                # attempt, see Owned.create). Not a verdict: decided again shortly.
+                log.warning("issuing %s failed (%s); deciding again", plan.ref, exc)
+                raise
             log.warning("issuing %s failed: %s", plan.ref, exc)
             self._end_unissued(task, spec, Reason.ISSUE_FAILED, f"could not issue the grant: {exc}")
             self.metrics.issue_failed()
