@@ -28,6 +28,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -484,16 +485,21 @@ class Bench:
             self.kube.delete(AGENT_TASKS, self.agents, name)
         return out
 
-    def bench_burst_revoke(self, n: int = 20) -> list[float]:
-        """n live grants under one policy; one change to it -> each grant's first 403."""
-        agent = self.name("burst")
+    def live_grants(self, prefix: str, n: int) -> tuple[str, list[str], list[dict]]:
+        """An agent with a policy of its own and n live grants under it."""
+        agent = self.name(prefix)
         self.world.service_account(self.agents, agent)
         self.world.policy(self.target, agent, [(self.agents, agent)], READ)
-        names = [self.name("burst") for _ in range(n)]
+        names = [self.name(prefix) for _ in range(n)]
         for name in names:
             self.world.task(self.agents, name, agent, [{"namespace": self.target, "rules": READ}])
-        tasks = [self.wait_active(self.agents, name) for name in names]
-        clients = [self.client(self.token_of(t)) for t in tasks]
+        return agent, names, [self.wait_active(self.agents, name, timeout=60) for name in names]
+
+    def first_403s(
+        self, clients: list[Kube], trigger: Callable[[], None], meanwhile: Callable[[float], None]
+    ) -> list[float]:
+        """Every client probing at once from the trigger on: seconds to each first 403.
+        `meanwhile(start)` runs on this thread while they probe."""
         for client in clients:
             wait_status(lambda c=client: probe(c, self.target), {200}, 10, POLL)
         time.sleep(SETTLE)
@@ -509,15 +515,26 @@ class Bench:
         for thread in threads:
             thread.start()
         start = time.monotonic()
-        self.kube.merge_patch(
-            ACCESS_POLICIES,
-            self.target,
-            agent,
-            {"spec": {"rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]}},
-        )
+        trigger()
         go.set()
+        meanwhile(start)
         for thread in threads:
             thread.join(30)
+        return out
+
+    def bench_burst_revoke(self, n: int = 20) -> list[float]:
+        """n live grants under one policy; one change to it -> each grant's first 403."""
+        agent, names, tasks = self.live_grants("burst", n)
+        out = self.first_403s(
+            [self.client(self.token_of(t)) for t in tasks],
+            lambda: self.kube.merge_patch(
+                ACCESS_POLICIES,
+                self.target,
+                agent,
+                {"spec": {"rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}]}},
+            ),
+            lambda start: None,
+        )
         for name in names:
             self.kube.delete(AGENT_TASKS, self.agents, name)
         return out
@@ -526,49 +543,30 @@ class Bench:
         """n live grants of one agent; annotating its ServiceAccount suspended -> the
         first 403 of `sample` of them (probing all n at once would load the API server
         more than the revocation does), and until every one of its RoleBindings is gone."""
-        agent = self.name("suspend")
-        self.world.service_account(self.agents, agent)
-        self.world.policy(self.target, agent, [(self.agents, agent)], READ)
-        names = [self.name("susp") for _ in range(n)]
-        for name in names:
-            self.world.task(self.agents, name, agent, [{"namespace": self.target, "rules": READ}])
-        tasks = [self.wait_active(self.agents, name, timeout=60) for name in names]
+        agent, names, tasks = self.live_grants("suspend", n)
         bindings = {g["roleBindingName"] for t in tasks for g in t["status"]["grants"]}
-        clients = [self.client(self.token_of(t)) for t in tasks[:: max(1, n // sample)]]
-        for client in clients:
-            wait_status(lambda c=client: probe(c, self.target), {200}, 10, POLL)
-        time.sleep(SETTLE)
-        out: list[float] = []
-        go = threading.Event()
+        gone: list[float] = []
 
-        def watch(client: Kube) -> None:
-            go.wait()
-            t403 = wait_status(lambda: probe(client, self.target), {401, 403}, 10, POLL)
-            out.append(t403 - start)
+        def until_all_gone(start: float) -> None:
+            while {b["metadata"]["name"] for b in self.kube.list(ROLE_BINDINGS, self.target)} & (
+                bindings
+            ) and time.monotonic() - start < 60:
+                time.sleep(0.01)
+            gone.append(time.monotonic() - start)
 
-        threads = [threading.Thread(target=watch, args=(c,), daemon=True) for c in clients]
-        for thread in threads:
-            thread.start()
-        start = time.monotonic()
-        self.kube.merge_patch(
-            SERVICE_ACCOUNTS,
-            self.agents,
-            agent,
-            {"metadata": {"annotations": {"agentaccess.io/suspended": "true"}}},
+        out = self.first_403s(
+            [self.client(self.token_of(t)) for t in tasks[:: max(1, n // sample)]],
+            lambda: self.kube.merge_patch(
+                SERVICE_ACCOUNTS,
+                self.agents,
+                agent,
+                {"metadata": {"annotations": {"agentaccess.io/suspended": "true"}}},
+            ),
+            until_all_gone,
         )
-        go.set()
-        while {
-            b["metadata"]["name"] for b in self.kube.list(ROLE_BINDINGS, self.target)
-        } & bindings:
-            if time.monotonic() - start > 60:
-                break
-            time.sleep(0.01)
-        all_gone = time.monotonic() - start
-        for thread in threads:
-            thread.join(30)
         for name in names:
             self.kube.delete(AGENT_TASKS, self.agents, name)
-        return {"grants": n, "sampled": len(out), "403": summarize(out), "all_gone_s": all_gone}
+        return {"grants": n, "sampled": len(out), "403": summarize(out), "all_gone_s": gone[0]}
 
     # -- scale ------------------------------------------------------------------------------
 
