@@ -27,8 +27,10 @@ LATER = {
     "approve": "human approval (AgentTaskApproval)",
     "deny": "human approval (AgentTaskApproval)",
     "advance": "staged tasks",
-    "suspend": "suspending an agent",
-    "resume": "suspending an agent",
+    "suspend": "suspending from the plugin (the operator honours it already: "
+    "kubectl annotate serviceaccount AGENT agentaccess.io/suspended=true)",
+    "resume": "resuming from the plugin (the operator honours it already: "
+    "kubectl annotate serviceaccount AGENT agentaccess.io/suspended-)",
 }
 
 EXAMPLES = """examples:
