@@ -146,6 +146,124 @@ def policies(
         labels,
     )
 
+    # 1b. Who decided an approval: stamped from the API server's record, whatever the
+    #     client wrote (the whole approver is replaced).
+    docs += _pair(
+        "MutatingAdmissionPolicy",
+        f"{GROUP}-approver",
+        {
+            "failurePolicy": "Fail",
+            "reinvocationPolicy": "Never",
+            "matchConstraints": {
+                "resourceRules": [_rules(GROUP, ["agenttaskapprovals"], ["CREATE"])]
+            },
+            "mutations": [
+                {
+                    "patchType": "JSONPatch",
+                    "jsonPatch": {
+                        "expression": "[JSONPatch{op: 'add', path: '/spec/approver', "
+                        "value: Object.spec.approver{username: request.userInfo.username, "
+                        f"uid: {UID}, groups: request.userInfo.?groups.orValue([])}}}}]"
+                    },
+                }
+            ],
+        },
+        labels,
+    )
+
+    # 1c. Approvals: the stamp is there (the mutating policy is installed), and no
+    #     per-task identity decides anything. Immutability is the CRD's own rule.
+    per_task = (
+        "request.userInfo.username.startsWith('system:serviceaccount:') && "
+        "request.userInfo.username.split(':').size() == 4 && "
+        "request.userInfo.username.split(':')[3].startsWith('aat-')"
+    )
+    docs += _pair(
+        "ValidatingAdmissionPolicy",
+        f"{GROUP}-approval-guard",
+        {
+            "failurePolicy": "Fail",
+            "matchConstraints": {
+                "resourceRules": [_rules(GROUP, ["agenttaskapprovals"], ["CREATE"])]
+            },
+            "validations": [
+                {
+                    "expression": "has(object.spec.approver) && has(object.spec.approver.username)"
+                    " && object.spec.approver.username == request.userInfo.username && "
+                    f"object.spec.approver.?uid.orValue('') == {UID} && "
+                    "object.spec.approver.?groups.orValue([]) == "
+                    "request.userInfo.?groups.orValue([])",
+                    "message": f"spec.approver was not stamped: is the MutatingAdmissionPolicy "
+                    f"{GROUP}-approver installed and bound?",
+                    "reason": "Forbidden",
+                },
+                {
+                    "expression": f"!({per_task})",
+                    "message": "a per-task identity of the agent-access-operator never "
+                    "approves or denies a task",
+                    "reason": "Forbidden",
+                },
+            ],
+        },
+        labels,
+    )
+
+    # 1d. No self-approval: the task's requester and its agent may not decide on it.
+    #     The task is the policy's parameter: every AgentTask of the approval's
+    #     namespace is checked (those with another UID pass at once). A task the
+    #     API server's own cache has not seen yet passes here; the operator checks
+    #     the same rules again and does not count such a decision.
+    mine = "params.metadata.uid != object.spec.taskUID"
+    docs += [
+        {
+            "apiVersion": V1,
+            "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": f"{GROUP}-no-self-approval", "labels": labels},
+            "spec": {
+                "failurePolicy": "Fail",
+                "paramKind": {"apiVersion": f"{GROUP}/v1alpha1", "kind": "AgentTask"},
+                "matchConstraints": {
+                    "resourceRules": [_rules(GROUP, ["agenttaskapprovals"], ["CREATE"])]
+                },
+                "validations": [
+                    {
+                        "expression": f"{mine} || params.metadata.name == object.spec.taskName",
+                        "message": "spec.taskName does not name the AgentTask with spec.taskUID",
+                        "reason": "Invalid",
+                    },
+                    {
+                        "expression": f"{mine} || !has(params.metadata.annotations) || "
+                        f"params.metadata.annotations[?{_q(REQUESTER[0])}] != "
+                        "optional.of(request.userInfo.username)",
+                        "message": "self-approval is refused: you created this AgentTask; "
+                        "another of the policy's approvers must decide",
+                        "reason": "Forbidden",
+                    },
+                    {
+                        "expression": f"{mine} || request.userInfo.username != "
+                        "'system:serviceaccount:' + params.metadata.namespace + ':' + "
+                        "params.spec.agent",
+                        "message": "self-approval is refused: an agent never approves its own "
+                        "AgentTask",
+                        "reason": "Forbidden",
+                    },
+                ],
+            },
+        },
+        {
+            "apiVersion": V1,
+            "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": f"{GROUP}-no-self-approval", "labels": labels},
+            "spec": {
+                "policyName": f"{GROUP}-no-self-approval",
+                "validationActions": ["Deny"],
+                # Every AgentTask of the approval's own namespace; none at all: allowed
+                # (the operator ignores approvals for tasks that do not exist).
+                "paramRef": {"selector": {}, "parameterNotFoundAction": "Allow"},
+            },
+        },
+    ]
+
     # 2. Only the operator writes a task's status, its annotations and its finalizer.
     ours = f"k.startsWith('{GROUP}/')"
     docs += _pair(

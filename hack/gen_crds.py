@@ -36,6 +36,21 @@ BOUNDED_DURATION = {
     "rule": "duration(self) <= duration('8784h')",
     "message": "must be at most 8784h (366 days)",
 }
+#: Who did something, as the API server recorded it (requester, approver).
+IDENTITY = {
+    "type": "object",
+    "properties": {
+        "username": {"type": "string", "maxLength": 1024, "description": "The user name."},
+        "uid": {"type": "string", "maxLength": 1024, "description": "The UID, if any."},
+        "groups": {
+            "type": "array",
+            "maxItems": 1024,
+            "items": {"type": "string", "maxLength": 1024},
+            "x-kubernetes-list-type": "atomic",
+            "description": "The groups.",
+        },
+    },
+}
 #: A JSON-schema pattern, not CEL: CEL on items of nested lists exceeds the cost budget.
 NO_WILDCARD = r"^[^*]*$"
 
@@ -335,16 +350,34 @@ TASK_STATUS = {
         },
         "podUID": {"type": "string", "description": "UID of the pod the grant is bound to."},
         "requester": {
-            "type": "object",
+            **IDENTITY,
             "description": "Who created the task, as the API server recorded it at admission "
             "(stamped by a MutatingAdmissionPolicy; clients cannot set it).",
-            "properties": {
-                "username": {"type": "string", "description": "The requester's user name."},
-                "uid": {"type": "string", "description": "The requester's UID, if any."},
-                "groups": {
-                    "type": "array",
-                    "items": {"type": "string"},
-                    "description": "The requester's groups.",
+        },
+        "approvals": {
+            "type": "array",
+            "description": "Every AgentTaskApproval made for this task, in the order made, "
+            "and whether it counted.",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "description": "The AgentTaskApproval."},
+                    "approver": {**IDENTITY, "description": "Who decided (stamped at admission)."},
+                    "decision": {"type": "string", "description": "Approve or Deny."},
+                    "comment": {"type": "string", "description": "The approver's comment."},
+                    "time": {
+                        "type": "string",
+                        "format": "date-time",
+                        "description": "When the decision was made (its creationTimestamp).",
+                    },
+                    "counted": {
+                        "type": "boolean",
+                        "description": "Whether it counts toward the policies' approval.",
+                    },
+                    "reason": {
+                        "type": "string",
+                        "description": "Why it does not count (counted false).",
+                    },
                 },
             },
         },
@@ -418,6 +451,69 @@ TASK_STATUS = {
 }
 
 
+def subject_ref(what: str) -> dict:
+    return {
+        "type": "object",
+        "required": ["kind", "name"],
+        "properties": {
+            "kind": {
+                "type": "string",
+                "enum": ["User", "Group", "ServiceAccount"],
+                "description": "User, Group or ServiceAccount.",
+            },
+            "name": {**NAME, "description": "User name, group or ServiceAccount."},
+            "namespace": {
+                **DNS_LABEL,
+                "description": "The ServiceAccount's namespace (kind ServiceAccount).",
+            },
+        },
+        "x-kubernetes-validations": [
+            {
+                "rule": "self.kind != 'ServiceAccount' || has(self.namespace)",
+                "message": f"a ServiceAccount {what} needs its namespace",
+            }
+        ],
+    }
+
+
+APPROVAL_SPEC = {
+    "type": "object",
+    "description": "One person's (or bot's) decision on one AgentTask. Immutable.",
+    "required": ["taskName", "taskUID", "decision"],
+    "properties": {
+        "taskName": {**NAME, "description": "The AgentTask (in this namespace)."},
+        "taskUID": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 64,
+            "description": "The AgentTask's metadata.uid: an approval is for this exact task, "
+            "never for a later one of the same name.",
+        },
+        "decision": {
+            "type": "string",
+            "enum": ["Approve", "Deny"],
+            "description": "Approve or Deny.",
+        },
+        "comment": {"type": "string", "maxLength": 1024, "description": "Why (for the record)."},
+        "stage": {
+            **NAME,
+            "description": "Staged tasks only: the stage decided on (default: the one waiting).",
+        },
+        "approver": {
+            **IDENTITY,
+            "description": "Who decided: set at admission from the API server's record of the "
+            "request; whatever a client writes here is replaced.",
+        },
+    },
+    "x-kubernetes-validations": [
+        {
+            "rule": "self == oldSelf",
+            "message": "an AgentTaskApproval is immutable: delete it and make another",
+        },
+    ],
+}
+
+
 def policy_spec(cluster: bool) -> dict:
     spec = {
         "type": "object",
@@ -468,28 +564,44 @@ def policy_spec(cluster: bool) -> dict:
                 "description": "Who may create tasks this policy covers (absent: anyone "
                 "allowed by RBAC to create AgentTasks). A ServiceAccount listed here may also "
                 "ask on behalf of other agents of its namespace.",
-                "items": {
-                    "type": "object",
-                    "required": ["kind", "name"],
-                    "properties": {
-                        "kind": {
-                            "type": "string",
-                            "enum": ["User", "Group", "ServiceAccount"],
-                            "description": "User, Group or ServiceAccount.",
-                        },
-                        "name": {**NAME, "description": "User name, group or ServiceAccount."},
-                        "namespace": {
-                            **DNS_LABEL,
-                            "description": "The ServiceAccount's namespace (kind ServiceAccount).",
-                        },
+                "items": subject_ref("requester"),
+            },
+            "approval": {
+                "type": "object",
+                "description": "Human approval: a task this policy covers waits (Pending, "
+                "AwaitingApproval, nothing issued) until `required` distinct approvers decide "
+                "Approve; one eligible Deny ends it (Denied, ApprovalDenied); no decision "
+                "within `timeout` of the task's creation ends it (Expired, ApprovalTimeout).",
+                "properties": {
+                    "required": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "maximum": 16,
+                        "description": "Distinct approvals needed (absent or 0: none).",
                     },
-                    "x-kubernetes-validations": [
-                        {
-                            "rule": "self.kind != 'ServiceAccount' || has(self.namespace)",
-                            "message": "a ServiceAccount requester needs its namespace",
-                        }
-                    ],
+                    "approvers": {
+                        "type": "array",
+                        "maxItems": 64,
+                        "description": "Who may approve or deny (any of).",
+                        "items": subject_ref("approver"),
+                    },
+                    "timeout": {
+                        "type": "string",
+                        "default": "1h",
+                        "pattern": DURATION,
+                        "maxLength": 32,
+                        "x-kubernetes-validations": [BOUNDED_DURATION],
+                        "description": "How long a task may wait for approval, from its "
+                        "creation (Go duration). Default 1h.",
+                    },
                 },
+                "x-kubernetes-validations": [
+                    {
+                        "rule": "!has(self.required) || self.required == 0 || "
+                        "(has(self.approvers) && size(self.approvers) > 0)",
+                        "message": "approval.required needs approvers who may approve",
+                    }
+                ],
             },
             "allowedAudiences": strings(
                 "Token audiences besides the API server's own that tasks covered by this "
@@ -575,6 +687,22 @@ def main() -> None:
                 {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
             ],
             "One agent's request for access for one bounded task.",
+        ),
+        "agenttaskapprovals.yaml": crd(
+            "AgentTaskApproval",
+            "agenttaskapprovals",
+            "ata",
+            "Namespaced",
+            APPROVAL_SPEC,
+            None,
+            [
+                {"name": "Task", "type": "string", "jsonPath": ".spec.taskName"},
+                {"name": "Decision", "type": "string", "jsonPath": ".spec.decision"},
+                {"name": "Approver", "type": "string", "jsonPath": ".spec.approver.username"},
+                AGE,
+                {"name": "Comment", "type": "string", "jsonPath": ".spec.comment", "priority": 1},
+            ],
+            "A decision (Approve or Deny) on one AgentTask waiting for human approval.",
         ),
         "accesspolicies.yaml": crd(
             "AccessPolicy",

@@ -37,38 +37,46 @@ def record(
     requester: Mapping[str, Any] | None = None,
     detail: str | None = None,
     now: datetime | None = None,
+    approval: Mapping[str, Any] | None = None,
+    approvals: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Build one audit record; purely computational."""
+    """Build one audit record; purely computational. `approval` (one decision, on
+    `approval` lines) and `approvals` (those a grant or denial rests on) appear only
+    when given."""
     meta = task.get("metadata", {})
     spec = task.get("spec") or {}
-    return {
-        "schemaVersion": SCHEMA_VERSION,
-        "time": (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-        "event": event,
-        "task": {
-            "name": meta.get("name"),
-            "namespace": meta.get("namespace"),
-            "uid": meta.get("uid"),
-        },
-        "agent": spec.get("agent"),
-        "intent": spec.get("intent"),
-        "podName": spec.get("podName"),
-        "requester": dict(requester) if requester else None,
-        "audiences": list(spec.get("audiences") or []),
-        "phase": phase,
-        "reason": reason,
-        "message": message,
-        "trigger": trigger,
-        "namespaces": sorted({e.get("namespace") or meta.get("namespace") for e in requested}),
-        "requestedRules": list(requested),
-        "grantedRules": list(granted),
-        "policies": list(policies),
-        "objects": list(objects),
-        "grantedAt": granted_at,
-        "expiresAt": expires_at,
-        "endedAt": ended_at,
-        "detail": detail,
-    }
+    return (
+        {
+            "schemaVersion": SCHEMA_VERSION,
+            "time": (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "event": event,
+            "task": {
+                "name": meta.get("name"),
+                "namespace": meta.get("namespace"),
+                "uid": meta.get("uid"),
+            },
+            "agent": spec.get("agent"),
+            "intent": spec.get("intent"),
+            "podName": spec.get("podName"),
+            "requester": dict(requester) if requester else None,
+            "audiences": list(spec.get("audiences") or []),
+            "phase": phase,
+            "reason": reason,
+            "message": message,
+            "trigger": trigger,
+            "namespaces": sorted({e.get("namespace") or meta.get("namespace") for e in requested}),
+            "requestedRules": list(requested),
+            "grantedRules": list(granted),
+            "policies": list(policies),
+            "objects": list(objects),
+            "grantedAt": granted_at,
+            "expiresAt": expires_at,
+            "endedAt": ended_at,
+            "detail": detail,
+        }
+        | ({"approval": dict(approval)} if approval is not None else {})
+        | ({"approvals": [dict(a) for a in approvals]} if approvals is not None else {})
+    )
 
 
 class AuditLog:

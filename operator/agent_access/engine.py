@@ -20,6 +20,7 @@ from .model import (
     ANNOTATION_REQUESTER_GROUPS,
     ANNOTATION_REQUESTER_UID,
     ANNOTATION_REQUESTER_USERNAME,
+    DEFAULT_APPROVAL_TIMEOUT,
     DEFAULT_MAX_TTL,
     DEFAULT_TTL,
     LABEL_PROTECTED,
@@ -204,6 +205,17 @@ def parse_task(task: Mapping[str, Any]) -> TaskSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ApprovalRule:
+    """A policy's `approval`: how many distinct approvers, who may approve, how long
+    a task may wait (from its creation)."""
+
+    required: int
+    #: (kind, namespace, name) as in `requesters`: User, Group or ServiceAccount.
+    approvers: frozenset[tuple[str, str, str]]
+    timeout: timedelta
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     """An AccessPolicy (namespace set) or a ClusterAccessPolicy (selector set)."""
 
@@ -218,6 +230,8 @@ class Policy:
     #: (kind, namespace, name) of who may create tasks this policy covers; empty: anyone.
     requesters: frozenset[tuple[str, str, str]] = frozenset()
     allowed_audiences: frozenset[str] = frozenset()
+    #: Human approval a task it covers needs first (None: none).
+    approval: ApprovalRule | None = None
 
     def allows_requester(self, requester: Requester | None) -> bool:
         if not self.requesters:
@@ -289,7 +303,30 @@ def _parse_policy(body: Mapping[str, Any]) -> Policy:
             for r in spec.get("requesters") or ()
         ),
         allowed_audiences=frozenset(_strings(spec.get("allowedAudiences"), "allowedAudiences")),
+        approval=_approval(spec.get("approval")),
     )
+
+
+def _approval(raw: Any) -> ApprovalRule | None:
+    """`spec.approval`; None when it requires nothing (absent, or required 0)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise SpecError("spec.approval must be an object")
+    required = raw.get("required") or 0
+    if not isinstance(required, int) or isinstance(required, bool) or required < 0:
+        raise SpecError("spec.approval.required must be a whole number >= 0")
+    if required == 0:
+        return None
+    try:
+        timeout = parse_duration(raw.get("timeout") or DEFAULT_APPROVAL_TIMEOUT)
+    except DurationError as exc:
+        raise SpecError(f"spec.approval.timeout: {exc}") from None
+    approvers = frozenset(
+        (str(a["kind"]), str(a.get("namespace") or ""), str(a["name"]))
+        for a in raw.get("approvers") or ()
+    )
+    return ApprovalRule(required=required, approvers=approvers, timeout=timeout)
 
 
 def selector_matches(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:

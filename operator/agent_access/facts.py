@@ -25,9 +25,18 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
+from .approval import Vote, parse_vote
 from .engine import PodFacts, Policy, SpecError, TaskSpec, World, parse_policy
 from .informers import SKIP, Informer, Key, OnChange, wait_synced
-from .kube import ACCESS_POLICIES, CLUSTER_ACCESS_POLICIES, NAMESPACES, PODS, SERVICE_ACCOUNTS, Kube
+from .kube import (
+    ACCESS_POLICIES,
+    AGENT_TASK_APPROVALS,
+    CLUSTER_ACCESS_POLICIES,
+    NAMESPACES,
+    PODS,
+    SERVICE_ACCOUNTS,
+    Kube,
+)
 from .model import IDENTITY_PREFIX
 
 log = logging.getLogger(__name__)
@@ -120,6 +129,7 @@ class Cache:
         self.on_namespace: OnChange | None = None
         self.on_service_account: OnChange | None = None
         self.on_pod: OnChange | None = None
+        self.on_approval: OnChange | None = None
         self.policies: Informer[Policy] = Informer(
             kube,
             ACCESS_POLICIES,
@@ -142,7 +152,15 @@ class Cache:
         self.pods: Informer[PodFacts] = Informer(
             kube, PODS, lambda b: pod_facts(b) or SKIP, self._report("on_pod")
         )
+        self.approvals: Informer[Vote] = Informer(
+            kube,
+            AGENT_TASK_APPROVALS,
+            lambda b: parse_vote(b) or SKIP,
+            self._report("on_approval"),
+            by_namespace=True,
+        )
         self.all: list[Informer[Any]] = [
+            self.approvals,
             self.policies,
             self.cluster_policies,
             self.namespaces,
@@ -248,6 +266,17 @@ class Facts:
             ):
                 return pod
         return pod_facts(self.kube.get(PODS, namespace, name))
+
+    def votes(self, namespace: str, task_uid: str, fresh: bool = False) -> list[Vote]:
+        """The AgentTaskApprovals made for this task: watched, or read (`fresh`, or while
+        the watches are not ready)."""
+        cache = None if fresh else self._cached()
+        if cache is not None:
+            found = cache.approvals.in_namespace(namespace)
+        else:
+            raw = self.kube.list(AGENT_TASK_APPROVALS, namespace)
+            found = [v for b in raw if (v := parse_vote(b)) is not None]
+        return [v for v in found if v.task_uid == task_uid]
 
     def world(self, spec: TaskSpec) -> tuple[World, bool]:
         """Every fact the decision needs: from the watches (no request; True) when they

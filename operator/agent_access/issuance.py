@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import audit, objects
 from . import status as st
@@ -33,6 +33,9 @@ from .model import (
     Reason,
 )
 from .owned import Owned
+
+if TYPE_CHECKING:
+    from .approvals import Waiting
 from .rules import Guardrails
 from .runtime import (
     ROLE,
@@ -112,9 +115,16 @@ class Issuance:
     io: ThreadPoolExecutor
     ended: set[str]
     _first_seen: dict[str, datetime]
+    waiting: Waiting
 
     def revoke(self, grant: LiveGrant, reason: Reason, message: str, *args: Any, **kw: Any) -> bool:
         raise NotImplementedError
+
+    if TYPE_CHECKING:  # approvals.Awaiting
+
+        def gate(
+            self, task: Mapping[str, Any], spec: TaskSpec, decision: Granted
+        ) -> list[dict[str, Any]] | None: ...
 
     def delete_objects(self, grant: LiveGrant) -> datetime:
         raise NotImplementedError
@@ -204,7 +214,10 @@ class Issuance:
         if spec.dry_run:
             self._dry_run(task, spec, decision)
             return
-        self._grant(task, spec, world, decision, generation)
+        approvals = self.gate(task, spec, decision)
+        if approvals is None:  # waiting for approval, or ended by it
+            return
+        self._grant(task, spec, world, decision, generation, approvals)
 
     def _dry_run(self, task: Mapping[str, Any], spec: TaskSpec, decision: Granted) -> None:
         """Granted, but only on paper: audit line, status, Event; nothing is created."""
@@ -212,6 +225,13 @@ class Issuance:
         uid = task["metadata"]["uid"]
         self._first_seen.pop(uid, None)
         message = "dry run: would be " + decision.summary()
+        needing = [p for p in decision.policies if p.approval and p.approval.required]
+        if needing:
+            message += (
+                " after approval ("
+                + ", ".join(f"{p.key}: {p.approval.required}" for p in needing if p.approval)
+                + ")"
+            )
         grants = [
             {"namespace": g.namespace, "rules": [r.to_dict() for r in g.rules]}
             for g in decision.grants
@@ -257,8 +277,10 @@ class Issuance:
         reason: Reason,
         message: str,
         detail: str = "",
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
-        """A task ends without a grant: audit line, status, then Event.
+        """A task ends without a grant: audit line, status, then Event. `extra`: more
+        status fields (the approvals a decision rests on, the policies).
 
         The audit line goes first (write-ahead, as for grants): once the status shows
         the decision, the line exists; a retried write may repeat it, never lose it.
@@ -279,11 +301,15 @@ class Issuance:
                 requester=_requester(spec),
                 ended_at=st.rfc3339(now),
                 now=now,
+                approvals=(extra or {}).get("approvals"),
             )
         )
         build = st.denied if denied else st.ended
-        self._write_status(task, build(task, reason, message, now, _requester(spec)))
+        status = build(task, reason, message, now, _requester(spec))
+        status.update(extra or {})
+        self._write_status(task, status)
         self.ended.add(uid)  # only once recorded: a failed write is retried
+        self.waiting.done(uid)
         kind, action = ("Warning", "Deny") if denied else ("Normal", "Revoke")
         self._event(task, kind, reason, message, action, spec)
 
@@ -389,6 +415,7 @@ class Issuance:
         world: World,
         decision: Granted,
         generation: int,
+        approvals: list[dict[str, Any]] | None = None,
     ) -> None:
         plan = planned_grant(task, spec)
         plan = replace(
@@ -439,8 +466,11 @@ class Issuance:
                 granted_at=st.rfc3339(decision.granted_at),
                 expires_at=st.rfc3339(decision.expires_at),
                 now=now,
+                approvals=approvals or None,
             )
         )
+        if approvals:
+            new_status["approvals"] = approvals
         try:
             with lock:  # a revocation racing us writes its end after this, not before
                 current = self.registry.get(uid)

@@ -22,7 +22,7 @@ from urllib.parse import quote
 import kubernetes
 import urllib3
 
-from .model import API_VERSION, CLUSTER_POLICIES, GROUP, POLICIES, TASKS, VERSION
+from .model import API_VERSION, APPROVALS, CLUSTER_POLICIES, GROUP, POLICIES, TASKS, VERSION
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,7 @@ NAMESPACES = Resource("/api/v1", "namespaces", namespaced=False)
 ROLES = Resource("/apis/rbac.authorization.k8s.io/v1", "roles")
 ROLE_BINDINGS = Resource("/apis/rbac.authorization.k8s.io/v1", "rolebindings")
 AGENT_TASKS = Resource(f"/apis/{GROUP}/{VERSION}", TASKS)
+AGENT_TASK_APPROVALS = Resource(f"/apis/{GROUP}/{VERSION}", APPROVALS)
 ACCESS_POLICIES = Resource(f"/apis/{GROUP}/{VERSION}", POLICIES)
 CLUSTER_ACCESS_POLICIES = Resource(f"/apis/{GROUP}/{VERSION}", CLUSTER_POLICIES, namespaced=False)
 

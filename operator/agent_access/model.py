@@ -12,11 +12,13 @@ VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 
 TASKS = "agenttasks"
+APPROVALS = "agenttaskapprovals"
 POLICIES = "accesspolicies"
 CLUSTER_POLICIES = "clusteraccesspolicies"
 
 DEFAULT_TTL = "15m"
 DEFAULT_MAX_TTL = "1h"
+DEFAULT_APPROVAL_TIMEOUT = "1h"
 #: TokenRequest refuses lifetimes under 10 minutes; short TTLs are enforced by revocation.
 MIN_TOKEN_SECONDS = 600
 
@@ -70,6 +72,8 @@ class Phase(StrEnum):
 
 
 class Reason(StrEnum):
+    # Pending (not terminal: a task waiting for human approval issues nothing)
+    AWAITING_APPROVAL = "AwaitingApproval"
     # Active
     POLICY_ALLOWED = "PolicyAllowed"
     # Denied
@@ -82,8 +86,10 @@ class Reason(StrEnum):
     REQUESTER_NOT_ALLOWED = "RequesterNotAllowed"
     AUDIENCE_NOT_ALLOWED = "AudienceNotAllowed"
     AGENT_SUSPENDED = "AgentSuspended"  # also Revoked
+    APPROVAL_DENIED = "ApprovalDenied"
     # Expired / Completed / Cancelled
     TTL_EXPIRED = "TTLExpired"
+    APPROVAL_TIMEOUT = "ApprovalTimeout"
     POD_SUCCEEDED = "PodSucceeded"
     POD_FAILED = "PodFailed"
     CANCELLED = "Cancelled"
@@ -101,6 +107,7 @@ class Reason(StrEnum):
 #: The phase a grant ends in, for each reason that ends one.
 END_PHASE: dict[Reason, Phase] = {
     Reason.TTL_EXPIRED: Phase.EXPIRED,
+    Reason.APPROVAL_TIMEOUT: Phase.EXPIRED,
     Reason.POD_SUCCEEDED: Phase.COMPLETED,
     Reason.POD_FAILED: Phase.COMPLETED,
     Reason.CANCELLED: Phase.CANCELLED,

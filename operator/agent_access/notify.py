@@ -8,8 +8,9 @@ counted (agentaccess_notifications_total{result="dropped"}).
 
 Wire format (docs/notifications.md):
 - CloudEvents 1.0, structured JSON (`Content-Type: application/cloudevents+json`),
-  `type` = `io.agentaccess.task.<event>` with <event> one of granted, denied, and the
-  phase an end leads to: revoked, expired, completed, cancelled, failed;
+  `type` = `io.agentaccess.task.<event>` with <event> one of pending (awaiting
+  approval), approved (an approval that counts), granted, denied, and the phase an
+  end leads to: revoked, expired, completed, cancelled, failed;
   `subject` = `<namespace>/<task>`; `id` unique per decision and stable across retries.
 - With a secret: `X-AgentAccess-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of
   "<t>.<body>">` (the timestamp bounds replays; the receiver recomputes and compares).
@@ -44,6 +45,7 @@ DATA_FIELDS = (
     "intent",
     "podName",
     "requester",
+    "approval",
     "phase",
     "reason",
     "message",
@@ -62,12 +64,17 @@ TIMEOUT = 5.0  # seconds per attempt (connect and response)
 
 
 def event_type(record: Mapping[str, Any]) -> str | None:
-    """granted and denied as such; any end by the phase it ends in (revoked, expired,
+    """granted, denied and pending (awaiting approval) as such; approved for each
+    approval that counts; any end by the phase it ends in (revoked, expired,
     completed, cancelled, failed). None for bookkeeping that is no decision: the
     deletion of a task that held no grant (its decision was sent when it was taken)."""
     event = str(record.get("event"))
-    if event in ("granted", "denied"):
+    if event in ("granted", "denied", "pending"):
         return TYPE_PREFIX + event
+    if event == "approval":  # a counted Approve; a counted Deny is sent as the denial
+        approval = record.get("approval") or {}
+        counted = approval.get("counted") and approval.get("decision") == "Approve"
+        return TYPE_PREFIX + "approved" if counted else None
     if event == "deleted":
         return None
     return TYPE_PREFIX + str(record.get("phase") or "revoked").lower()

@@ -23,6 +23,7 @@ from typing import Any
 
 from . import audit
 from . import status as st
+from .approvals import Awaiting, Waiting
 from .engine import (
     Denied,
     PodFacts,
@@ -75,7 +76,7 @@ def pod_end_reason(pod: PodFacts | None, expected_uid: str | None) -> Reason | N
     return None
 
 
-class Service(Issuance):
+class Service(Issuance, Awaiting):
     def __init__(
         self,
         kube: Kube,
@@ -114,6 +115,9 @@ class Service(Issuance):
         self.cache.on_namespace = self._namespace_event
         self.cache.on_service_account = self._service_account_event
         self.cache.on_pod = self._pod_event
+        #: Tasks waiting for approval (approvals.py); their AgentTaskApprovals are watched.
+        self.waiting = Waiting(self.pool)
+        self.cache.on_approval = self.waiting.on_vote
         self.facts = Facts(kube, self.io, self.cache)
         self.owned = Owned(kube)
         self.deadlines = Deadlines(self._fire)
@@ -143,6 +147,7 @@ class Service(Issuance):
         up to `timeout` seconds to finish. True if nothing runs any more."""
         self.cache.stop()
         self.deadlines.stop()
+        self.waiting.stop()
         pools = [self.triggers, self.pool, self.decisions, self.cleanup, self.cpu, self.io]
         for pool in pools:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -184,6 +189,7 @@ class Service(Issuance):
     def forget(self, uid: str) -> None:
         """The task is gone for good: drop what was kept about it."""
         self._first_seen.pop(uid, None)
+        self.waiting.done(uid)
 
     def needs_decision(self, task: Mapping[str, Any]) -> bool:
         """Would reconcile decide (evaluate and issue) this task? In memory, no I/O."""
@@ -447,6 +453,7 @@ class Service(Issuance):
     ) -> None:
         ns, name = key
         if new is not None and new.suspended and not (old is not None and old.suspended):
+            self.waiting.wake_all()  # a waiting task of the agent is denied now
             self.registry.bump()  # a grant being issued right now re-checks too
             if self.registry.has_agent(ns, name):
                 self.pool.submit(self.on_agent_suspended, ns, name, f"agent ServiceAccount "
@@ -461,6 +468,7 @@ class Service(Issuance):
     def _policy_event(self, kind: str, key: Key, old: object, new: object) -> None:
         if old != new:
             self._reevaluate_later(key[0] or None)
+            self.waiting.wake_all()  # tasks waiting for approval are decided again
 
     def _namespace_event(self, kind: str, key: Key, old: Any, new: Any) -> None:
         was = old is not None and old.get(SUSPENDED) == "true"
@@ -472,6 +480,7 @@ class Service(Issuance):
             )  # fmt: skip
         if old is not None and old != new:  # relabelled, being deleted, or gone
             self._reevaluate_later(key[1])
+            self.waiting.wake_all()
 
     def _reevaluate_later(self, namespace: str | None) -> None:
         """Re-evaluate the grants into `namespace` (all grants: None) soon. Changes that
@@ -635,6 +644,7 @@ class Service(Issuance):
         phase = (task.get("status") or {}).get("phase")
         grant = self.registry.get(uid)
         self._first_seen.pop(uid, None)
+        self.waiting.done(uid)
         message = "the AgentTask was deleted"
         if grant is not None:
             self.revoke(grant, Reason.TASK_DELETED, message, write_status=False)

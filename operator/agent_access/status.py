@@ -104,6 +104,31 @@ def active(
     return status
 
 
+def pending(
+    task: Mapping[str, Any],
+    reason: Reason,
+    message: str,
+    now: datetime,
+    requester: Mapping[str, Any] | None,
+    policies: list[str],
+    approvals: list[dict[str, Any]],
+) -> dict:
+    """Not terminal: waiting (for approval); nothing is issued meanwhile."""
+    status, generation = _base(task, requester)
+    status.update(
+        phase=Phase.PENDING.value,
+        reason=reason.value,
+        message=message,
+        observedGeneration=generation,
+        policies=policies,
+        approvals=approvals,
+    )
+    status["conditions"] = set_condition(
+        status.get("conditions"), False, reason.value, message, generation, now
+    )
+    return status
+
+
 def ended(
     task: Mapping[str, Any],
     reason: Reason,

@@ -103,6 +103,7 @@ class TaskWatch:
         #: in full once.
         self._logged: set[str] = set()
         self._retries = Deadlines(self._retry)
+        service.waiting.wake = self.wake
 
     # -- running --------------------------------------------------------------------
 
@@ -281,6 +282,17 @@ class TaskWatch:
         ]
         with contextlib.suppress(NotFound):
             self.svc.kube.json_patch(AGENT_TASKS, meta["namespace"], meta["name"], patch)
+
+    def wake(self, namespace: str, name: str) -> bool:
+        """Handle a task again as the API server has it now (something it waits on
+        changed: an approval, its timeout). False when it could not be read."""
+        try:
+            fresh = self.svc.kube.get(AGENT_TASKS, namespace, name)
+        except KubeError:
+            return False
+        if fresh is not None and self._needs_work(fresh):
+            self._submit(str(fresh["metadata"]["uid"]), "MODIFIED", fresh)
+        return True
 
     # -- retries ----------------------------------------------------------------------
 

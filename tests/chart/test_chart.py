@@ -120,6 +120,7 @@ def test_defaults_are_locked_down():
     crds = [d for d in rendered if d["kind"] == "CustomResourceDefinition"]
     assert {c["spec"]["names"]["kind"] for c in crds} == {
         "AgentTask",
+        "AgentTaskApproval",
         "AccessPolicy",
         "ClusterAccessPolicy",
     }

@@ -19,6 +19,7 @@ import kubernetes
 
 from agent_access.kube import (
     ACCESS_POLICIES,
+    AGENT_TASK_APPROVALS,
     AGENT_TASKS,
     CLUSTER_ACCESS_POLICIES,
     NAMESPACES,
@@ -76,7 +77,7 @@ def wait_for_storage(kube: Kube, timeout: float = 60) -> None:
     wait until lists of all three kinds answer at once, so timing tests do not start
     inside that window (each such 429 costs a caller its 1 s Retry-After)."""
     quick = Kube(kube.api, retries=0)
-    kinds = (AGENT_TASKS, ACCESS_POLICIES, CLUSTER_ACCESS_POLICIES)
+    kinds = (AGENT_TASKS, ACCESS_POLICIES, CLUSTER_ACCESS_POLICIES, AGENT_TASK_APPROVALS)
     _until_answers(lambda: [quick.list(k) for k in kinds], 429, timeout, "the CRDs' storage")
 
 
@@ -100,6 +101,20 @@ def wait_for_admission(kube: Kube, timeout: float = 90) -> None:
         503,
         timeout,
         "the admission policies to know AgentTasks",
+    )
+    approval = {
+        "apiVersion": "agentaccess.io/v1alpha1",
+        "kind": "AgentTaskApproval",
+        "metadata": {"name": "admission-ready"},
+        "spec": {"taskName": "none", "taskUID": "none", "decision": "Approve"},
+    }
+    _until_answers(
+        lambda: kube.request(
+            "POST", AGENT_TASK_APPROVALS.path("default"), body=approval, query=[("dryRun", "All")]
+        ),
+        503,
+        timeout,
+        "the admission policies to know AgentTaskApprovals",
     )
 
 
