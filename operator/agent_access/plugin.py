@@ -5,8 +5,8 @@ on PATH as the plugin `kubectl agentaccess`.
 
 Exit codes (for scripts): 0 done (for `request --wait`: the task is Active); 1 the
 outcome is not what was asked (Denied, Failed, Expired..., not found, timed out);
-2 usage error or the cluster refused the request; 3 the command's feature is not in
-this version of the operator.
+2 usage error or the cluster refused the request (e.g. self-approval); 3 the
+command's feature is not in this version of the operator (`advance`).
 """
 
 from __future__ import annotations
@@ -19,19 +19,14 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from .kube import AGENT_TASKS, ConfigError, Kube, KubeError
+from .kube import AGENT_TASK_APPROVALS, AGENT_TASKS, SERVICE_ACCOUNTS, ConfigError, Kube, KubeError
 
 TERMINAL = {"Denied", "Expired", "Revoked", "Completed", "Cancelled", "Failed"}
 #: subcommands of the contract whose feature is not in this version yet, and which
 LATER = {
-    "approve": "human approval (AgentTaskApproval)",
-    "deny": "human approval (AgentTaskApproval)",
     "advance": "staged tasks",
-    "suspend": "suspending from the plugin (the operator honours it already: "
-    "kubectl annotate serviceaccount AGENT agentaccess.io/suspended=true)",
-    "resume": "resuming from the plugin (the operator honours it already: "
-    "kubectl annotate serviceaccount AGENT agentaccess.io/suspended-)",
 }
+SUSPENDED = "agentaccess.io/suspended"
 
 EXAMPLES = """examples:
   # ask for read access to pods and their logs in payments for 15 minutes, wait for it
@@ -49,8 +44,17 @@ EXAMPLES = """examples:
   kubectl agentaccess audit incident-4711 -n agents
   kubectl agentaccess check -f task.yaml          # the decision, nothing created
 
+  # a task waiting for human approval (Pending, AwaitingApproval): decide on it
+  kubectl agentaccess approve deploy-2-4 -n agents --comment "checked with on-call"
+  kubectl agentaccess deny deploy-2-4 -n agents --comment "not during the freeze"
+
+  # stop an agent at once (every live grant revoked, new tasks denied), and let it go on
+  kubectl agentaccess suspend triage-bot -n agents
+  kubectl agentaccess resume triage-bot -n agents
+
 exit codes: 0 done (request --wait: Active), 1 not the outcome asked for (Denied,
-not found, timed out, ...), 2 usage or API error, 3 not in this operator version
+not found, timed out, not waiting for approval, ...), 2 usage or API error (e.g.
+self-approval refused), 3 not in this operator version (advance)
 """
 
 
@@ -108,6 +112,21 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("-f", "--filename", required=True, help="the AgentTask (YAML; - for stdin)")
     c.add_argument("--as", dest="as_user", help="decide as if this user asked (default: you)")
     c.add_argument("--as-group", action="append", default=[], help="with --as: a group")
+    for name, text in (
+        ("approve", "approve an AgentTask waiting for approval (an AgentTaskApproval)"),
+        ("deny", "deny an AgentTask waiting for approval (an AgentTaskApproval)"),
+    ):
+        d = sub.add_parser(name, parents=[common], help=text)
+        d.add_argument("name", help="the AgentTask")
+        d.add_argument("--comment", default="", help="why (shown to everyone, recorded)")
+        d.add_argument("--stage", help="staged tasks: the stage decided on")
+    for name, text in (
+        ("suspend", "suspend an agent: its live grants end now, new tasks are denied"),
+        ("resume", "lift an agent's suspension"),
+    ):
+        sub.add_parser(name, parents=[common], help=text).add_argument(
+            "agent", help="the agent's ServiceAccount (in -n)"
+        )
     for name, feature in LATER.items():
         s = sub.add_parser(name, parents=[common], help=f"{feature} (not in this version)")
         s.add_argument("args", nargs="*")
@@ -205,6 +224,11 @@ def describe(t: dict[str, Any]) -> str:
         f"Reason:       {st.get('reason') or ''}",
         f"Message:      {st.get('message') or ''}",
     ]
+    for a in st.get("approvals") or ():
+        who = (a.get("approver") or {}).get("username") or "<unknown>"
+        counted = "counted" if a.get("counted") else f"not counted: {a.get('reason')}"
+        comment = f' "{a["comment"]}"' if a.get("comment") else ""
+        lines.append(f"Approval:     {a.get('decision')} by {who}{comment} ({counted})")
     for key, label in (
         ("grantedAt", "Granted:"),
         ("expiresAt", "Expires:"),
@@ -301,6 +325,16 @@ def run(args: argparse.Namespace) -> int:
             )  # fmt: skip
         except (OSError, ValueError, yaml.YAMLError) as exc:
             raise Usage(str(exc)) from None
+    if args.command in ("suspend", "resume"):
+        value = "true" if args.command == "suspend" else None
+        patch = {"metadata": {"annotations": {SUSPENDED: value}}}
+        if kube.get(SERVICE_ACCOUNTS, ns, args.agent) is None:
+            print(f'serviceaccount "{args.agent}" not found in namespace {ns}', file=sys.stderr)
+            return 1
+        kube.merge_patch(SERVICE_ACCOUNTS, ns, args.agent, patch)
+        done = "suspended: its live grants end now" if value else "resumed"
+        print(f"agent {ns}/{args.agent} {done}")
+        return 0
     if args.command == "audit":
         from .cli import audit_command
 
@@ -322,6 +356,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "status":
         print(show(t, args.output) if args.output in ("json", "yaml") else describe(t))
         return 0
+    if args.command in ("approve", "deny"):
+        return decide(kube, t, args)
     # cancel
     phase = (t.get("status") or {}).get("phase")
     if phase in TERMINAL:
@@ -329,6 +365,44 @@ def run(args: argparse.Namespace) -> int:
         return 1
     kube.merge_patch(AGENT_TASKS, ns, args.name, {"spec": {"cancel": True}})
     print(f"agenttask/{args.name} cancelled")
+    return 0
+
+
+def decide(kube: Kube, task: dict[str, Any], args: argparse.Namespace) -> int:
+    """An AgentTaskApproval for this very task (its UID); who decided is stamped by
+    the API server, which also refuses self-approval."""
+    meta, st = task["metadata"], task.get("status") or {}
+    phase = st.get("phase") or "Pending"
+    if phase != "Pending":
+        print(f"agenttask/{meta['name']} is {phase}, not waiting for approval", file=sys.stderr)
+        return 1
+    spec: dict[str, Any] = {
+        "taskName": meta["name"],
+        "taskUID": meta["uid"],
+        "decision": "Approve" if args.command == "approve" else "Deny",
+    }
+    if args.comment:
+        spec["comment"] = args.comment
+    if args.stage:
+        spec["stage"] = args.stage
+    made = kube.create(
+        AGENT_TASK_APPROVALS,
+        meta["namespace"],
+        {
+            "apiVersion": "agentaccess.io/v1alpha1",
+            "kind": "AgentTaskApproval",
+            "metadata": {"generateName": f"{meta['name'][:200]}-"},
+            "spec": spec,
+        },
+    )
+    if args.output in ("json", "yaml"):
+        print(show(made, args.output))
+    else:
+        who = ((made.get("spec") or {}).get("approver") or {}).get("username") or "you"
+        print(
+            f"agenttaskapproval/{made['metadata']['name']} created: {spec['decision']} on "
+            f"agenttask/{meta['name']} by {who}"
+        )
     return 0
 
 

@@ -142,6 +142,7 @@ def test_metrics_follow_a_real_lifecycle(world, operator):
     }
     assert resources <= {
         "agenttasks",
+        "agenttaskapprovals",
         "agenttasks/status",
         "accesspolicies",
         "clusteraccesspolicies",

@@ -91,8 +91,6 @@ def test_exit_codes_scripts_can_use(world, operator):
     assert missing.returncode == 1 and "not found" in missing.stderr
     bad = run(kc, "request", "x", "-n", agents, "--agent", "bot", "--intent", "x", "--rule", "oops")
     assert bad.returncode == 2 and "NAMESPACE:VERBS:RESOURCES" in bad.stderr
-    later = run(kc, "approve", "too-much", "-n", agents)
-    assert later.returncode == 3 and "not in this version" in later.stderr
     refused = run(
         kc, "request", "Bad_Name", "-n", agents, "--agent", "bot", "--intent", "x",
         "--rule", f"{target}:{READ_PODS}",
@@ -108,3 +106,81 @@ def test_help_has_examples():
         [str(BIN / "kubectl-agentaccess"), "--help"], capture_output=True, text=True
     ).stdout
     assert "examples:" in out and "--wait" in out and "exit codes" in out
+
+
+def test_approve_deny_suspend_resume(world, operator):
+    """approve/deny make AgentTaskApprovals as the caller (self-approval refused with the
+    API server's message, exit 2); suspend/resume mark the agent's ServiceAccount."""
+    from agent_access.kube import AGENT_TASK_APPROVALS, SERVICE_ACCOUNTS, Resource
+
+    from .cluster import as_user
+
+    agents, target = world.namespace("plugin-agents"), world.namespace("plugin-target")
+    world.service_account(agents, "bot")
+    rules = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]
+    approval = {"required": 1, "approvers": [{"kind": "User", "name": "admin"}]}
+    world.policy(target, "gated", [(agents, "bot")], rules, approval=approval)
+    rbac = "rbac.authorization.k8s.io"
+    roles = Resource(f"/apis/{rbac}/v1", "roles")
+    bindings = Resource(f"/apis/{rbac}/v1", "rolebindings")
+    world.kube.create(
+        roles,
+        agents,
+        {
+            "metadata": {"name": "requester"},
+            "rules": [{"apiGroups": ["agentaccess.io"], "resources": ["agenttasks"],
+                       "verbs": ["create", "get"]}],
+        },
+    )  # fmt: skip
+    world.kube.create(
+        bindings,
+        agents,
+        {
+            "metadata": {"name": "carol"},
+            "roleRef": {"apiGroup": rbac, "kind": "Role", "name": "requester"},
+            "subjects": [{"apiGroup": rbac, "kind": "User", "name": "carol"}],
+        },
+    )
+    kc = world.kubeconfig
+    carol = as_user(kc, "carol")
+    body = {
+        "apiVersion": "agentaccess.io/v1alpha1",
+        "kind": "AgentTask",
+        "metadata": {"name": "carols"},
+        "spec": {"agent": "bot", "intent": "CHG-1: read pods",
+                 "access": [{"namespace": target, "rules": rules}]},
+    }  # fmt: skip
+    carol.create(AGENT_TASKS, agents, body)
+    world.wait_phase(agents, "carols", "Pending")
+    # admin asks for one too: they may not approve their own
+    mine = run(
+        kc, "request", "mine", "-n", agents, "--agent", "bot", "--intent", "x",
+        "--rule", f"{target}:{READ_PODS}", "--wait", "--timeout", "3",
+    )  # fmt: skip
+    assert mine.returncode == 1 and "AwaitingApproval" in mine.stdout, mine
+    self_approval = run(kc, "approve", "mine", "-n", agents)
+    assert self_approval.returncode == 2, self_approval
+    assert "self-approval is refused" in self_approval.stderr
+    approved = run(kc, "approve", "carols", "-n", agents, "--comment", "fine by me")
+    assert approved.returncode == 0, approved.stderr
+    assert "Approve on agenttask/carols by admin" in approved.stdout
+    world.wait_phase(agents, "carols", "Active")
+    shown = run(kc, "status", "carols", "-n", agents)
+    assert 'Approval:     Approve by admin "fine by me" (counted)' in shown.stdout, shown.stdout
+    made = world.kube.list(AGENT_TASK_APPROVALS, agents)
+    assert [a["spec"]["approver"]["username"] for a in made] == ["admin"]
+    late = run(kc, "deny", "carols", "-n", agents)
+    assert late.returncode == 1 and "not waiting for approval" in late.stderr
+
+    suspended = run(kc, "suspend", "bot", "-n", agents)
+    assert suspended.returncode == 0, suspended.stderr
+    sa = world.kube.get(SERVICE_ACCOUNTS, agents, "bot")
+    assert sa["metadata"]["annotations"]["agentaccess.io/suspended"] == "true"
+    done = world.wait_phase(agents, "carols", "Revoked")
+    assert done["status"]["reason"] == "AgentSuspended"
+    assert run(kc, "resume", "bot", "-n", agents).returncode == 0
+    sa = world.kube.get(SERVICE_ACCOUNTS, agents, "bot")
+    assert "agentaccess.io/suspended" not in (sa["metadata"].get("annotations") or {})
+    assert run(kc, "suspend", "nobody", "-n", agents).returncode == 1
+    later = run(kc, "advance", "carols", "stage-2", "-n", agents)
+    assert later.returncode == 3 and "not in this version" in later.stderr
