@@ -57,3 +57,55 @@ def test_lifecycle_under_the_chart_identity(world, chart_operator):
 
     for what, seconds in timings.items():
         record_timing(f"e2e {what}: trigger -> 403", seconds)
+
+
+def test_human_approval_under_the_chart_identity(world, chart_operator):
+    """The chart's RBAC lets the operator watch AgentTaskApprovals and its admission
+    policies stamp the approver: a task waits, is approved, is granted."""
+    from tests.integration.cluster import as_user
+
+    from agent_access.kube import AGENT_TASK_APPROVALS
+
+    agents, target = world.namespace("e2e-appr-agents"), world.namespace("e2e-appr-target")
+    world.service_account(agents, "bot")
+    rules = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
+    world.policy(
+        target, "gated", [(agents, "bot")], rules,
+        approval={"required": 1, "approvers": [{"kind": "User", "name": "alice"}]},
+    )  # fmt: skip
+    rbac = "rbac.authorization.k8s.io"
+    world.kube.create(
+        Resource(f"/apis/{rbac}/v1", "roles"),
+        agents,
+        {
+            "metadata": {"name": "approver"},
+            "rules": [{"apiGroups": ["agentaccess.io"], "resources": ["agenttaskapprovals"],
+                       "verbs": ["create"]}],
+        },
+    )  # fmt: skip
+    world.kube.create(
+        Resource(f"/apis/{rbac}/v1", "rolebindings"),
+        agents,
+        {
+            "metadata": {"name": "approver"},
+            "roleRef": {"apiGroup": rbac, "kind": "Role", "name": "approver"},
+            "subjects": [{"apiGroup": rbac, "kind": "User", "name": "alice"}],
+        },
+    )
+    task = world.task(agents, "gated", "bot", [{"namespace": target, "rules": rules}])
+    waiting = world.wait_phase(agents, "gated", "Pending")
+    assert world.task_objects(task) == []
+    made = as_user(world.kubeconfig, "alice").create(
+        AGENT_TASK_APPROVALS,
+        agents,
+        {
+            "apiVersion": "agentaccess.io/v1alpha1",
+            "kind": "AgentTaskApproval",
+            "metadata": {"name": "yes"},
+            "spec": {"taskName": "gated", "taskUID": waiting["metadata"]["uid"],
+                     "decision": "Approve", "approver": {"username": "mallory"}},
+        },
+    )  # fmt: skip
+    assert made["spec"]["approver"]["username"] == "alice"
+    active = world.wait_phase(agents, "gated", "Active", timeout=20)
+    assert active["status"]["approvals"][0]["counted"] is True

@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from agent_access import notify
-from agent_access.kube import AGENT_TASKS
+from agent_access.kube import AGENT_TASK_APPROVALS, AGENT_TASKS, Resource
 
-from .cluster import as_token, list_pods_status, poll_status, record_timing, wait_for
+from .cluster import as_token, as_user, list_pods_status, poll_status, record_timing, wait_for
 
 READ_PODS = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
 SECRET = b"a-shared-secret"
@@ -88,11 +88,42 @@ def test_each_decision_reaches_the_receiver_signed_and_without_the_token(
     world.wait_phase(agents, "granted", "Cancelled")
     world.task(agents, "refused", "bot", [{"namespace": agents, "rules": READ_PODS}])
     world.wait_phase(agents, "refused", "Denied")
+    # human approval: waiting, approved, granted
+    gated = world.namespace("notify-gated")
+    approval = {"required": 1, "approvers": [{"kind": "User", "name": "alice"}]}
+    world.policy(gated, "gated", [(agents, "bot")], READ_PODS, approval=approval)
+    allow_approvals(world, agents, "alice")
+    waiting = world.task(agents, "waits", "bot", [{"namespace": gated, "rules": READ_PODS}])
+    world.wait_phase(agents, "waits", "Pending")
+    as_user(world.kubeconfig, "alice").create(
+        AGENT_TASK_APPROVALS,
+        agents,
+        {
+            "apiVersion": "agentaccess.io/v1alpha1",
+            "kind": "AgentTaskApproval",
+            "metadata": {"name": "ok"},
+            "spec": {"taskName": "waits", "taskUID": waiting["metadata"]["uid"],
+                     "decision": "Approve", "comment": "fine"},
+        },
+    )  # fmt: skip
+    approved = world.wait_phase(agents, "waits", "Active")
+    world.token(approved)
     wait_for(
-        lambda: len(sink.events(f"{agents}/granted")) == 2 and sink.events(f"{agents}/refused"),
+        lambda: (
+            len(sink.events(f"{agents}/granted")) == 2
+            and sink.events(f"{agents}/refused")
+            and len(sink.events(f"{agents}/waits")) == 3
+        ),
         10,
-        what="three notifications",
+        what="six notifications",
     )
+    types = [e["type"] for e in sink.events(f"{agents}/waits")]
+    assert types == [
+        "io.agentaccess.task.pending",
+        "io.agentaccess.task.approved",
+        "io.agentaccess.task.granted",
+    ], types
+    assert sink.events(f"{agents}/waits")[1]["data"]["approval"]["approver"]["username"] == "alice"
     types = [e["type"] for e in sink.events(f"{agents}/granted")]
     assert types == ["io.agentaccess.task.granted", "io.agentaccess.task.cancelled"]
     denied = sink.events(f"{agents}/refused")[0]
@@ -109,6 +140,29 @@ def test_each_decision_reaches_the_receiver_signed_and_without_the_token(
         assert notify.verify(SECRET, body, signature, time.time())
         assert token not in body.decode()
         assert task["status"]["tokenSecretName"] not in body.decode()
+        assert approved["status"]["tokenSecretName"] not in body.decode()
+
+
+def allow_approvals(world, ns: str, user: str) -> None:
+    rbac = "rbac.authorization.k8s.io"
+    world.kube.create(
+        Resource(f"/apis/{rbac}/v1", "roles"),
+        ns,
+        {
+            "metadata": {"name": "approver"},
+            "rules": [{"apiGroups": ["agentaccess.io"], "resources": ["agenttaskapprovals"],
+                       "verbs": ["create"]}],
+        },
+    )  # fmt: skip
+    world.kube.create(
+        Resource(f"/apis/{rbac}/v1", "rolebindings"),
+        ns,
+        {
+            "metadata": {"name": "approver"},
+            "roleRef": {"apiGroup": rbac, "kind": "Role", "name": "approver"},
+            "subjects": [{"apiGroup": rbac, "kind": "User", "name": user}],
+        },
+    )
 
 
 def test_a_receiver_that_hangs_delays_no_grant_no_revocation_and_no_other_receiver(
