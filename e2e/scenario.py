@@ -18,7 +18,14 @@ from tests.integration.cluster import (
     wait_for,
 )
 
-from agent_access.kube import ACCESS_POLICIES, AGENT_TASKS, NAMESPACES, PODS, SERVICE_ACCOUNTS
+from agent_access.kube import (
+    ACCESS_POLICIES,
+    AGENT_TASKS,
+    CLUSTER_ACCESS_POLICIES,
+    NAMESPACES,
+    PODS,
+    SERVICE_ACCOUNTS,
+)
 
 # Rules the operator itself does not hold: granting them needs `escalate`,
 # binding them needs `bind`.
@@ -36,9 +43,16 @@ def run_scenario(world, step_timeout: float = 8.0) -> dict[str, float]:
     world.service_account(agents, "bot")
     world.service_account(agents, "bot2")
     world.policy(target, "read", [(agents, "bot"), (agents, "bot2")], GRANT)
-    world.cluster_policy(
-        unique("e2e-cap"), [(agents, "bot")], GRANT, {"matchLabels": {"tier": label}}
-    )
+    cap = unique("e2e-cap")
+    world.cluster_policy(cap, [(agents, "bot")], GRANT, {"matchLabels": {"tier": label}})
+
+    # [accesspolicies/status, clusteraccesspolicies/status: patch] each policy says Ready
+    def ready(res, ns, name) -> bool:
+        conditions = ((world.kube.get(res, ns, name) or {}).get("status") or {}).get("conditions")
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions or ())
+
+    wait_for(lambda: ready(ACCESS_POLICIES, target, "read"), step_timeout, what="policy Ready")
+    wait_for(lambda: ready(CLUSTER_ACCESS_POLICIES, None, cap), step_timeout, what="cap Ready")
 
     def task(name: str, agent: str = "bot", **spec) -> dict:
         world.task(agents, name, agent, [{"namespace": target, "rules": GRANT}], **spec)

@@ -242,7 +242,6 @@ TASK_SPEC = {
             "nothing: if any rule is not allowed, nothing is granted.",
             "items": {
                 "type": "object",
-                "required": ["rules"],
                 "properties": {
                     "namespace": {
                         **DNS_LABEL,
@@ -255,7 +254,18 @@ TASK_SPEC = {
                         "description": "RBAC rules requested in this namespace.",
                         "items": rule_schema(request=True),
                     },
+                    "preset": {
+                        **NAME,
+                        "description": "Instead of rules: the name of a preset (a named rule "
+                        "set) defined by a policy that applies here.",
+                    },
                 },
+                "x-kubernetes-validations": [
+                    {
+                        "rule": "has(self.rules) != has(self.preset)",
+                        "message": "give rules or a preset (exactly one)",
+                    }
+                ],
             },
         },
     },
@@ -514,6 +524,27 @@ APPROVAL_SPEC = {
 }
 
 
+POLICY_STATUS = {
+    "type": "object",
+    "description": "Written by the operator: whether the policy is usable.",
+    "properties": {
+        "conditions": {
+            "type": "array",
+            "description": "Type Ready: False (reason InvalidCondition, InvalidIntentPattern, "
+            "InvalidSpec) when the policy matches nothing because part of it cannot be used.",
+            "items": CONDITION,
+            "x-kubernetes-list-type": "map",
+            "x-kubernetes-list-map-keys": ["type"],
+        },
+    },
+}
+READY = {
+    "name": "Ready",
+    "type": "string",
+    "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+}
+
+
 def policy_spec(cluster: bool) -> dict:
     spec = {
         "type": "object",
@@ -602,6 +633,60 @@ def policy_spec(cluster: bool) -> dict:
                         "message": "approval.required needs approvers who may approve",
                     }
                 ],
+            },
+            "conditions": {
+                "type": "array",
+                "maxItems": 16,
+                "description": "CEL expressions that must all be true for this policy to cover "
+                "a task, at grant time and for as long as the grant lives. Variables: task, "
+                "agent, namespace (the target), pod (or null), requester, now.",
+                "items": {
+                    "type": "object",
+                    "required": ["expression"],
+                    "properties": {
+                        "expression": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": 4096,
+                            "description": "A CEL expression returning bool.",
+                        },
+                        "message": {
+                            "type": "string",
+                            "maxLength": 1024,
+                            "description": "Shown when the condition does not hold.",
+                        },
+                    },
+                },
+            },
+            "intent": {
+                "type": "object",
+                "description": "Rules on the task's stated intent.",
+                "properties": {
+                    "pattern": {
+                        "type": "string",
+                        "maxLength": 1024,
+                        "description": "RE2 pattern the intent must match (unanchored: use "
+                        "^...$ for the whole intent), e.g. ^(INC|CHG)-[0-9]+: .{10,}",
+                    }
+                },
+            },
+            "maxActiveTasks": {
+                "type": "integer",
+                "minimum": 1,
+                "maximum": 10000,
+                "description": "Per agent: how many live tasks this policy may cover at once.",
+            },
+            "presets": {
+                "type": "object",
+                "maxProperties": 32,
+                "description": "Named rule sets tasks may ask for by name (access[].preset). "
+                "A preset's rules are part of what this policy may grant.",
+                "additionalProperties": {
+                    "type": "array",
+                    "minItems": 1,
+                    "maxItems": 64,
+                    "items": rule_schema(request=False),
+                },
             },
             "allowedAudiences": strings(
                 "Token audiences besides the API server's own that tasks covered by this "
@@ -710,8 +795,12 @@ def main() -> None:
             "ap",
             "Namespaced",
             policy_spec(False),
-            None,
-            [{"name": "MaxTTL", "type": "string", "jsonPath": ".spec.maxTTL"}, AGE],
+            POLICY_STATUS,
+            [
+                READY,
+                AGE,
+                {"name": "MaxTTL", "type": "string", "jsonPath": ".spec.maxTTL", "priority": 1},
+            ],
             "Governs access INTO its own namespace: which agents may get what here.",
         ),
         "clusteraccesspolicies.yaml": crd(
@@ -720,8 +809,12 @@ def main() -> None:
             "cap",
             "Cluster",
             policy_spec(True),
-            None,
-            [{"name": "MaxTTL", "type": "string", "jsonPath": ".spec.maxTTL"}, AGE],
+            POLICY_STATUS,
+            [
+                READY,
+                AGE,
+                {"name": "MaxTTL", "type": "string", "jsonPath": ".spec.maxTTL", "priority": 1},
+            ],
             "Like AccessPolicy, for platform teams: governs the namespaces its "
             "namespaceSelector chooses.",
         ),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,6 +28,7 @@ from .model import (
     MAX_REQUEST_ATOMS,
     Reason,
 )
+from .patterns import intent_matches, pattern_problem
 from .rules import DEFAULT_GUARDRAILS, Guardrails, Rule, parse_rules, rule_covers
 
 SA_PREFIX = "system:serviceaccount:"
@@ -40,6 +41,8 @@ SA_PREFIX = "system:serviceaccount:"
 class AccessEntry:
     namespace: str
     rules: tuple[Rule, ...]
+    #: a policy's named rule set asked for instead of rules (empty until resolved)
+    preset: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,9 +169,19 @@ def _parse_task_spec(
                 "put all its rules in one entry"
             )
         seen.add(target)
+        preset = raw.get("preset")
+        if preset is not None:
+            if not isinstance(preset, str) or not preset:
+                raise SpecError(f"spec.access[{i}].preset must be a preset's name")
+            if raw.get("rules"):
+                raise SpecError(f"spec.access[{i}] ({target}): give rules or a preset, not both")
+            entries.append(AccessEntry(namespace=sys.intern(target), rules=(), preset=preset))
+            continue
         rules = parse_rules(raw.get("rules"))
         if not rules:
-            raise SpecError(f"spec.access[{i}] ({target}): rules needs at least one rule")
+            raise SpecError(
+                f"spec.access[{i}] ({target}): rules needs at least one rule (or name a preset)"
+            )
         for j, rule in enumerate(rules):
             where = f"spec.access[{i}].rules[{j}]"
             if not rule.api_groups:
@@ -226,12 +239,35 @@ class Policy:
     max_ttl: timedelta
     require_pod: bool = False
     namespace_selector: Mapping[str, Any] | None = None
-    resource_version: str = ""
+    resource_version: str = field(default="", compare=False)
     #: (kind, namespace, name) of who may create tasks this policy covers; empty: anyone.
     requesters: frozenset[tuple[str, str, str]] = frozenset()
     allowed_audiences: frozenset[str] = frozenset()
     #: Human approval a task it covers needs first (None: none).
     approval: ApprovalRule | None = None
+    #: Named rule sets tasks may ask for by name (part of the ceiling).
+    presets: Mapping[str, tuple[Rule, ...]] = field(default_factory=dict)
+    #: The intent of every task it covers must match this (RE2 syntax).
+    intent_pattern: str | None = None
+    #: Live tasks per agent this policy may cover at once (None: no limit).
+    max_active: int | None = None
+    #: CEL conditions, all of which must hold (see conditions.py).
+    conditions: tuple[Any, ...] = ()
+    #: Why the policy matches nothing (a condition or pattern that does not
+    #: compile, a malformed spec): (reason, message), reported as Ready=False.
+    problem: tuple[str, str] | None = None
+    generation: int = 0
+    uid: str = field(default="", compare=False)
+    #: the Ready condition the policy's status shows now: (status, reason, message,
+    #: observedGeneration, lastTransitionTime); not part of what the policy says
+    shown: tuple[str, str, str, int, str] | None = field(default=None, compare=False)
+
+    @property
+    def ceiling(self) -> tuple[Rule, ...]:
+        """`rules` and every preset's rules: what this policy may grant."""
+        if not self.presets:
+            return self.rules
+        return self.rules + tuple(r for name in sorted(self.presets) for r in self.presets[name])
 
     def allows_requester(self, requester: Requester | None) -> bool:
         if not self.requesters:
@@ -278,6 +314,44 @@ def parse_policy(body: Mapping[str, Any]) -> Policy:
         raise SpecError(f"policy is malformed ({type(exc).__name__})") from None
 
 
+def broken_policy(body: Mapping[str, Any], reason: str, message: str) -> Policy:
+    """A policy that cannot be used: it matches nothing, and says why (Ready=False)."""
+    meta = body.get("metadata") or {}
+    cluster = body.get("kind") == "ClusterAccessPolicy"
+    return Policy(
+        name=str(meta.get("name") or ""),
+        namespace=None if cluster else str(meta.get("namespace") or ""),
+        subjects=frozenset(),
+        rules=(),
+        max_ttl=timedelta(0),
+        problem=(reason, message),
+        generation=_int(meta.get("generation")),
+        uid=str(meta.get("uid") or ""),
+        resource_version=str(meta.get("resourceVersion", "")),
+        shown=shown_ready(body),
+    )
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def shown_ready(body: Mapping[str, Any]) -> tuple[str, str, str, int, str] | None:
+    """The Ready condition in the policy's status, as last written."""
+    status = body.get("status")
+    conditions = status.get("conditions") if isinstance(status, Mapping) else None
+    for cond in conditions if isinstance(conditions, list) else ():
+        if isinstance(cond, Mapping) and cond.get("type") == "Ready":
+            return (
+                str(cond.get("status")),
+                str(cond.get("reason")),
+                str(cond.get("message")),
+                _int(cond.get("observedGeneration")),
+                str(cond.get("lastTransitionTime") or ""),
+            )
+    return None
+
+
 def _parse_policy(body: Mapping[str, Any]) -> Policy:
     meta = body.get("metadata", {})
     spec = body.get("spec") or {}
@@ -286,6 +360,23 @@ def _parse_policy(body: Mapping[str, Any]) -> Policy:
         max_ttl = parse_duration(spec.get("maxTTL") or DEFAULT_MAX_TTL)
     except DurationError as exc:
         raise SpecError(f"spec.maxTTL: {exc}") from None
+    rules = parse_rules(spec.get("rules"))
+    presets = _presets(spec.get("presets"))
+    max_active = spec.get("maxActiveTasks")
+    if max_active is not None and (
+        not isinstance(max_active, int) or isinstance(max_active, bool) or max_active < 1
+    ):
+        raise SpecError("spec.maxActiveTasks must be a whole number >= 1")
+    intent = spec.get("intent") or {}
+    if not isinstance(intent, Mapping):
+        raise SpecError("spec.intent must be an object")
+    pattern = intent.get("pattern")
+    if pattern is not None and not isinstance(pattern, str):
+        raise SpecError("spec.intent.pattern must be a string")
+    problem = None
+    why = pattern_problem(pattern) if pattern else None
+    if why:
+        problem = ("InvalidIntentPattern", f"spec.intent.pattern: {why}")
     return Policy(
         name=meta.get("name", ""),
         namespace=None if cluster else meta.get("namespace"),
@@ -293,7 +384,7 @@ def _parse_policy(body: Mapping[str, Any]) -> Policy:
             (s.get("namespace", ""), s.get("serviceAccount", ""))
             for s in spec.get("subjects") or ()
         ),
-        rules=parse_rules(spec.get("rules")),
+        rules=rules,
         max_ttl=max_ttl,
         require_pod=bool(spec.get("requirePod")),
         namespace_selector=spec.get("namespaceSelector") if cluster else None,
@@ -304,7 +395,28 @@ def _parse_policy(body: Mapping[str, Any]) -> Policy:
         ),
         allowed_audiences=frozenset(_strings(spec.get("allowedAudiences"), "allowedAudiences")),
         approval=_approval(spec.get("approval")),
+        presets=presets,
+        intent_pattern=pattern or None,
+        max_active=max_active,
+        problem=problem,
+        generation=_int(meta.get("generation")),
+        uid=str(meta.get("uid") or ""),
+        shown=shown_ready(body),
     )
+
+
+def _presets(raw: Any) -> dict[str, tuple[Rule, ...]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise SpecError("spec.presets must map names to rule lists")
+    out = {}
+    for name, rules in raw.items():
+        parsed = parse_rules(rules)
+        if not isinstance(name, str) or not parsed:
+            raise SpecError(f"spec.presets.{name}: needs at least one rule")
+        out[sys.intern(name)] = parsed
+    return out
 
 
 def _approval(raw: Any) -> ApprovalRule | None:
@@ -387,6 +499,8 @@ class Granted:
     ttl: timedelta
     granted_at: datetime
     expires_at: datetime
+    #: the request as granted: presets replaced by their rules
+    spec: TaskSpec | None = None
 
     @property
     def policy_keys(self) -> list[str]:
@@ -510,11 +624,14 @@ def check_coverage(
         naming = [
             p
             for p in policies
-            if exists and subject in p.subjects and p.governs(entry.namespace, labels or {})
+            if exists
+            and p.problem is None
+            and subject in p.subjects
+            and p.governs(entry.namespace, labels or {})
         ]
         with_pod = [p for p in naming if spec.pod_name or not p.require_pod]
         applicable = [p for p in with_pod if _requester_may_act(spec, p)]
-        checks = sum(r.atom_count for r in entry.rules) * sum(len(p.rules) for p in applicable)
+        checks = sum(r.atom_count for r in entry.rules) * sum(len(p.ceiling) for p in applicable)
         if checks > MAX_COVERAGE_CHECKS:
             return (), Denied(
                 Reason.INVALID_SPEC,
@@ -546,7 +663,7 @@ def check_coverage(
         for rule in entry.rules:
             missing = []
             for atom in rule.atoms():
-                covering = [p for p in applicable if any(rule_covers(c, atom) for c in p.rules)]
+                covering = [p for p in applicable if any(rule_covers(c, atom) for c in p.ceiling)]
                 if not covering:
                     missing.append(atom)
                 for p in covering:
@@ -561,6 +678,76 @@ def check_coverage(
                     detail=f"applicable policies: {', '.join(p.key for p in applicable)}",
                 )
     return tuple(sorted(used.values(), key=lambda p: p.key)), None
+
+
+def resolve_presets(
+    spec: TaskSpec, policies: Sequence[Policy], namespaces: Mapping[str, Mapping[str, str]]
+) -> TaskSpec | Denied:
+    """Replace each `preset` entry by the rules of the preset, as defined by a policy that
+    applies to the entry (several define it: the first by name). Coverage is then
+    checked as for any rules (a policy's presets are part of what it may grant)."""
+    if not any(e.preset for e in spec.access):
+        return spec
+    who = f"{spec.namespace}/{spec.agent}"
+    subject = (spec.namespace, spec.agent)
+    entries = []
+    for entry in spec.access:
+        if not entry.preset:
+            entries.append(entry)
+            continue
+        labels = namespaces.get(entry.namespace)
+        defining = sorted(
+            (
+                p
+                for p in policies
+                if labels is not None
+                and p.problem is None
+                and entry.preset in p.presets
+                and subject in p.subjects
+                and p.governs(entry.namespace, labels)
+                and (spec.pod_name or not p.require_pod)
+                and _requester_may_act(spec, p)
+            ),
+            key=lambda p: p.key,
+        )
+        if not defining:
+            return Denied(
+                Reason.NO_MATCHING_POLICY,
+                f"namespace {entry.namespace}: no AccessPolicy or ClusterAccessPolicy lets "
+                f"{who} use the preset {entry.preset!r}",
+            )
+        entries.append(replace(entry, rules=defining[0].presets[entry.preset]))
+    return replace(spec, access=tuple(entries))
+
+
+def check_intent(spec: TaskSpec, used: Sequence[Policy]) -> Denied | None:
+    """Every covering policy's intent pattern (RE2, unanchored unless the pattern says)."""
+    for p in used:
+        if p.intent_pattern is not None and not intent_matches(p.intent_pattern, spec.intent):
+            return Denied(
+                Reason.INTENT_REJECTED,
+                f"the intent does not match the pattern a policy covering this request "
+                f"requires: {p.intent_pattern}",
+                detail=f"policy {p.key}",
+            )
+    return None
+
+
+def check_limits(
+    spec: TaskSpec, used: Sequence[Policy], active: Mapping[str, int]
+) -> Denied | None:
+    """maxActiveTasks: `active` counts the agent's live tasks (and those being issued)
+    per policy key."""
+    for p in used:
+        if p.max_active is not None and active.get(p.key, 0) >= p.max_active:
+            return Denied(
+                Reason.LIMIT_EXCEEDED,
+                f"agent {spec.namespace}/{spec.agent} already has {active.get(p.key, 0)} live "
+                f"task(s) under a policy that allows {p.max_active} at once: wait until one "
+                "ends, or cancel one",
+                detail=f"policy {p.key} maxActiveTasks {p.max_active}",
+            )
+    return None
 
 
 def check_audiences(spec: TaskSpec, used: Sequence[Policy]) -> Denied | None:
@@ -587,7 +774,12 @@ def evaluate(
     now: datetime,
     guardrails: Guardrails = DEFAULT_GUARDRAILS,
 ) -> Decision:
-    """Decide a request. Guardrails first, then facts, then policy coverage and TTL."""
+    """Decide a request. Presets resolved, guardrails, then facts, then policy coverage,
+    intent, audiences and TTL. (Limits need the live count: the caller checks them.)"""
+    resolved = resolve_presets(spec, world.policies, world.namespaces)
+    if isinstance(resolved, Denied):
+        return resolved
+    spec = resolved
     denied = check_guardrails(spec, guardrails) or check_size(spec)
     if denied:
         return denied
@@ -619,13 +811,14 @@ def evaluate(
     if denied:
         return denied
     used, denied = check_coverage(spec, world.policies, world.namespaces)
-    denied = denied or check_audiences(spec, used)
+    denied = denied or check_intent(spec, used) or check_audiences(spec, used)
     if denied:
         return denied
     ttl = min([spec.ttl, *(p.max_ttl for p in used)])
     ttl = timedelta(seconds=max(1, int(ttl.total_seconds())))
     granted_at = floor_seconds(now)
     return Granted(
+        spec=spec,
         grants=spec.access,
         policies=used,
         ttl=ttl,
@@ -665,8 +858,14 @@ def reassess(
             f"namespace labelled {LABEL_PROTECTED}=true: nothing is granted there",
             protected.detail,
         )
+    unknown = [e.namespace for e in spec.access if e.preset and not e.rules]
+    if unknown:  # fail closed: what a preset granted must be known to be re-checked
+        return Denied(
+            Reason.POLICY_CHANGED,
+            f"the rules granted by preset in {', '.join(unknown)} are not known any more",
+        )
     used, denied = check_coverage(spec, policies, namespaces)
-    denied = denied or check_audiences(spec, used)
+    denied = denied or check_intent(spec, used) or check_audiences(spec, used)
     if denied is None:
         ttl = min([spec.ttl, *(p.max_ttl for p in used)])
         return timedelta(seconds=max(1, int(ttl.total_seconds())))

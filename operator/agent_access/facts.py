@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 from .approval import Vote, parse_vote
-from .engine import PodFacts, Policy, SpecError, TaskSpec, World, parse_policy
+from .engine import PodFacts, Policy, SpecError, TaskSpec, World, broken_policy, parse_policy
 from .informers import SKIP, Informer, Key, OnChange, wait_synced
 from .kube import (
     ACCESS_POLICIES,
@@ -43,12 +43,13 @@ log = logging.getLogger(__name__)
 
 
 def _policy(body: Mapping[str, Any], kind: str) -> Policy | None:
+    """The policy, or one that matches nothing and says why (reported as Ready=False)."""
     try:
         return parse_policy(dict(body, kind=kind))
     except SpecError as exc:
         meta = body.get("metadata") or {}
         log.warning("ignoring policy %s/%s: %s", meta.get("namespace"), meta.get("name"), exc)
-        return None
+        return broken_policy(dict(body, kind=kind), "InvalidSpec", str(exc))
 
 
 def parse_policies(namespaced: list[dict], cluster: list[dict]) -> list[Policy]:

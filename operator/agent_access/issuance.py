@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -28,6 +29,7 @@ from .model import (
     ANNOTATION_GRANTED_AT,
     ANNOTATION_POD_UID,
     ANNOTATION_POLICIES,
+    ANNOTATION_PRESET_RULES,
     API_VERSION,
     Phase,
     Reason,
@@ -36,6 +38,7 @@ from .owned import Owned
 
 if TYPE_CHECKING:
     from .approvals import Waiting
+    from .limits import Limits
 from .rules import Guardrails
 from .runtime import (
     ROLE,
@@ -116,6 +119,7 @@ class Issuance:
     ended: set[str]
     _first_seen: dict[str, datetime]
     waiting: Waiting
+    limits: Limits
 
     def revoke(self, grant: LiveGrant, reason: Reason, message: str, *args: Any, **kw: Any) -> bool:
         raise NotImplementedError
@@ -211,13 +215,26 @@ class Issuance:
         if isinstance(decision, Denied):
             self._deny(task, decision, spec)
             return
+        spec = decision.spec or spec  # presets replaced by their rules
         if spec.dry_run:
-            self._dry_run(task, spec, decision)
+            limited = self.limits.count(spec, decision.policies)
+            if limited:
+                self._deny(task, limited, spec)
+            else:
+                self._dry_run(task, spec, decision)
             return
         approvals = self.gate(task, spec, decision)
         if approvals is None:  # waiting for approval, or ended by it
             return
-        self._grant(task, spec, world, decision, generation, approvals)
+        uid = task["metadata"]["uid"]
+        limited = self.limits.reserve(uid, spec, decision.policies)
+        if limited:
+            self._deny(task, limited, spec)
+            return
+        try:
+            self._grant(task, spec, world, decision, generation, approvals)
+        finally:  # live now (counted by the registry), or not issued
+            self.limits.release(uid)
 
     def _dry_run(self, task: Mapping[str, Any], spec: TaskSpec, decision: Granted) -> None:
         """Granted, but only on paper: audit line, status, Event; nothing is created."""
@@ -346,6 +363,9 @@ class Issuance:
         }
         if pod:
             record[ANNOTATION_POD_UID] = pod.uid
+        presets = {g.namespace: [r.to_dict() for r in g.rules] for g in decision.grants if g.preset}
+        if presets:
+            record[ANNOTATION_PRESET_RULES] = json.dumps(presets, separators=(",", ":"))
 
         def identity() -> None:
             make(

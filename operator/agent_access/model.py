@@ -36,6 +36,9 @@ ANNOTATION_EXPIRES_AT = f"{GROUP}/expires-at"
 ANNOTATION_GRANTED_AT = f"{GROUP}/granted-at"
 ANNOTATION_POD_UID = f"{GROUP}/pod-uid"
 ANNOTATION_POLICIES = f"{GROUP}/policies"
+#: The rules each preset entry was granted (JSON {namespace: rules}): a restart re-checks
+#: what was granted, not what the preset says now.
+ANNOTATION_PRESET_RULES = f"{GROUP}/preset-rules"
 #: Stamped on each AgentTask at admission (MutatingAdmissionPolicy) from the API server's
 #: own record of who created it; clients cannot set or change them.
 ANNOTATION_REQUESTER_USERNAME = f"{GROUP}/requester-username"
@@ -87,6 +90,9 @@ class Reason(StrEnum):
     AUDIENCE_NOT_ALLOWED = "AudienceNotAllowed"
     AGENT_SUSPENDED = "AgentSuspended"  # also Revoked
     APPROVAL_DENIED = "ApprovalDenied"
+    INTENT_REJECTED = "IntentRejected"
+    LIMIT_EXCEEDED = "LimitExceeded"
+    CONDITION_FAILED = "ConditionFailed"  # also Revoked
     # Expired / Completed / Cancelled
     TTL_EXPIRED = "TTLExpired"
     APPROVAL_TIMEOUT = "ApprovalTimeout"
@@ -117,6 +123,7 @@ END_PHASE: dict[Reason, Phase] = {
     Reason.POD_DELETED: Phase.REVOKED,
     Reason.AGENT_NOT_FOUND: Phase.REVOKED,
     Reason.AGENT_SUSPENDED: Phase.REVOKED,
+    Reason.CONDITION_FAILED: Phase.REVOKED,
     Reason.ISSUE_FAILED: Phase.FAILED,
     Reason.TASK_DELETED: Phase.REVOKED,
 }

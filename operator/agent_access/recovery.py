@@ -11,19 +11,21 @@ task whose status no longer says Active loses its objects.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from .engine import SpecError, parse_task
+from .engine import SpecError, TaskSpec, parse_task
 from .kube import AGENT_TASKS, KubeError
 from .model import (
     ANNOTATION_EXPIRES_AT,
     ANNOTATION_GRANTED_AT,
     ANNOTATION_POD_UID,
     ANNOTATION_POLICIES,
+    ANNOTATION_PRESET_RULES,
     LABEL_MANAGED_BY,
     LABEL_TASK_NAME,
     LABEL_TASK_NAMESPACE,
@@ -34,6 +36,7 @@ from .model import (
 )
 from .objects import base_name, names_of
 from .owned import RESOURCES
+from .rules import parse_rules
 from .runtime import (
     ROLE,
     ROLE_BINDING,
@@ -103,11 +106,36 @@ def _compact_task(task: Mapping[str, Any]) -> dict[str, Any] | None:
     }
 
 
+def _with_presets(spec: TaskSpec, record: Mapping[str, Any]) -> TaskSpec:
+    """Preset entries get the rules recorded on the identity when they were granted; an
+    entry whose record is missing or unreadable keeps none, and its re-check ends the
+    grant (fail closed)."""
+    if not any(e.preset for e in spec.access):
+        return spec
+    try:
+        recorded = json.loads(record.get(ANNOTATION_PRESET_RULES) or "{}")
+    except (TypeError, ValueError):
+        recorded = {}
+    entries = []
+    for entry in spec.access:
+        rules = (
+            recorded.get(entry.namespace) if entry.preset and isinstance(recorded, dict) else None
+        )
+        try:
+            parsed = parse_rules(rules) if rules else ()
+        except Exception:
+            parsed = ()
+        entries.append(replace(entry, rules=parsed) if entry.preset else entry)
+    return replace(spec, access=tuple(entries))
+
+
 def _adopt(service: Service, task: Mapping[str, Any], found: Found) -> LiveGrant:
     spec = parse_task(task)
     plan = planned_grant(task, spec)
     sa = found.get((SERVICE_ACCOUNT, plan.namespace, plan.service_account))
     record = ((sa or {}).get("metadata") or {}).get("annotations") or {}
+    if any(e.preset for e in spec.access):
+        plan = planned_grant(task, _with_presets(spec, record))
     status = task.get("status") or {}
     deadlines = [
         t

@@ -27,6 +27,7 @@ from .approvals import Awaiting, Waiting
 from .engine import (
     Denied,
     PodFacts,
+    Policy,
     SpecError,
     check_guardrails,
     parse_task,
@@ -37,6 +38,7 @@ from .faults import checkpoint
 from .informers import Key
 from .issuance import Issuance, _requested, _requester, _stub
 from .kube import AGENT_TASKS, SERVICE_ACCOUNTS, Kube, KubeError, NotFound
+from .limits import Limits
 from .metrics import Metrics
 from .model import (
     ANNOTATION_EXPIRES_AT,
@@ -44,6 +46,7 @@ from .model import (
     Reason,
 )
 from .owned import Owned
+from .policy_status import PolicyStatus
 from .rules import DEFAULT_GUARDRAILS, Guardrails
 from .runtime import (
     Deadlines,
@@ -117,6 +120,8 @@ class Service(Issuance, Awaiting):
         self.cache.on_pod = self._pod_event
         #: Tasks waiting for approval (approvals.py); their AgentTaskApprovals are watched.
         self.waiting = Waiting(self.pool)
+        self.limits = Limits(self.registry)
+        self.policy_status = PolicyStatus(kube, clock)
         self.cache.on_approval = self.waiting.on_vote
         self.facts = Facts(kube, self.io, self.cache)
         self.owned = Owned(kube)
@@ -148,6 +153,7 @@ class Service(Issuance, Awaiting):
         self.cache.stop()
         self.deadlines.stop()
         self.waiting.stop()
+        self.policy_status.stop()
         pools = [self.triggers, self.pool, self.decisions, self.cleanup, self.cpu, self.io]
         for pool in pools:
             pool.shutdown(wait=False, cancel_futures=True)
@@ -466,6 +472,7 @@ class Service(Issuance, Awaiting):
             self.pool.submit(self.on_service_account_deleted, ns, name)
 
     def _policy_event(self, kind: str, key: Key, old: object, new: object) -> None:
+        self.policy_status.observe(new if isinstance(new, Policy) else None)
         if old != new:
             self._reevaluate_later(key[0] or None)
             self.waiting.wake_all()  # tasks waiting for approval are decided again
@@ -687,4 +694,7 @@ class Service(Issuance, Awaiting):
 
         if not self.cache.start(sync_timeout):  # facts are read from the API meanwhile
             log.warning("watches not listed after %ss; reading facts directly", sync_timeout)
+        self.policy_status.observe_all(
+            [*self.cache.policies.values(), *self.cache.cluster_policies.values()]
+        )
         recover(self)

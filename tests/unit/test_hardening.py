@@ -203,7 +203,10 @@ def test_one_hostile_policy_spoils_only_itself(mutate):
             "rules": [READ_PODS],
         },
     }
-    assert [p.name for p in parse_policies([bad, good], [])] == ["good"]
+    parsed = parse_policies([bad, good], [])
+    assert [p.name for p in parsed if p.problem is None] == ["good"]
+    (broken,) = [p for p in parsed if p.problem is not None]  # matches nothing, says why
+    assert broken.name == "bad" and broken.problem[0] == "InvalidSpec" and not broken.subjects
 
 
 @pytest.mark.parametrize(
