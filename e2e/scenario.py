@@ -54,6 +54,14 @@ def run_scenario(world, step_timeout: float = 8.0) -> dict[str, float]:
     wait_for(lambda: ready(ACCESS_POLICIES, target, "read"), step_timeout, what="policy Ready")
     wait_for(lambda: ready(CLUSTER_ACCESS_POLICIES, None, cap), step_timeout, what="cap Ready")
 
+    # [subjectaccessreviews: create] a denial names the closest policy to a requester
+    # who may read it (the admin here)
+    more = [*GRANT, {"apiGroups": [""], "resources": ["secrets"], "verbs": ["list"]}]
+    world.task(agents, "too-much", "bot", [{"namespace": target, "rules": more}])
+    refused = world.wait_phase(agents, "too-much", {"Active", "Denied"}, step_timeout)
+    assert refused["status"]["reason"] == "RuleNotAllowed", refused["status"]
+    assert "closest policy" in refused["status"]["message"], refused["status"]
+
     def task(name: str, agent: str = "bot", **spec) -> dict:
         world.task(agents, name, agent, [{"namespace": target, "rules": GRANT}], **spec)
         got = world.wait_phase(agents, name, {"Active", "Denied", "Failed"}, step_timeout)

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .engine import Denied, Granted, Requester, SpecError, evaluate, parse_task_spec
+from .explain import Explainer
 from .facts import Facts
 from .kube import Kube
 from .rules import DEFAULT_GUARDRAILS, Guardrails
@@ -131,6 +132,8 @@ def check(
     else:
         requester = who_am_i(kube)
     decision = decide(kube, task, ns, requester, guardrails)
+    if isinstance(decision, Denied):  # the closest policy, if the caller may read it
+        decision = Explainer(kube, self_review=not as_user).explain(decision, requester)
     result = report(decision, (task.get("spec") or {}).get("ttl"))
     result["requester"] = requester.to_dict() if requester else None
     print(json.dumps(result, indent=2) if output == "json" else render(result))

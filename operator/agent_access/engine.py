@@ -527,6 +527,10 @@ class Denied:
     reason: Reason
     message: str
     detail: str = ""
+    #: The policy that came closest and what it lacks ("covers 3 of 5 ..."): added to
+    #: the message only for a requester who may read that policy (explain.py).
+    closest: Policy | None = None
+    closest_note: str = ""
 
 
 Decision = Granted | Denied
@@ -651,14 +655,29 @@ def check_coverage(
                     detail=f"policies naming the agent: {', '.join(p.key for p in with_pod)}",
                 )
             why = "the namespace does not exist" if not exists else "no policy names the agent"
+            closest, note = None, ""
             if naming:
                 why = f"{', '.join(p.key for p in naming)} require spec.podName"
+                closest, note = naming[0], "requires spec.podName"
+            elif exists:
+                governing = sorted(
+                    (
+                        p
+                        for p in policies
+                        if p.problem is None and p.governs(entry.namespace, labels or {})
+                    ),
+                    key=lambda p: p.key,
+                )
+                if governing:
+                    closest, note = governing[0], f"does not name {who} in its subjects"
             hint = "" if spec.pod_name else " (some policies require spec.podName)"
             return (), Denied(
                 Reason.NO_MATCHING_POLICY,
                 f"namespace {entry.namespace}: no AccessPolicy or ClusterAccessPolicy lets "
                 f"{who} request [{first}]{hint}",
                 detail=why,
+                closest=closest,
+                closest_note=note,
             )
         for rule in entry.rules:
             missing = []
@@ -671,11 +690,15 @@ def check_coverage(
             if missing:
                 shown = "; ".join(_atom_text(a) for a in missing[:5])
                 more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+                closest, covered, total = _closest(entry, applicable)
                 return (), Denied(
                     Reason.RULE_NOT_ALLOWED,
                     f"namespace {entry.namespace}: rule [{rule.describe()}] is not covered by "
                     f"the policies that apply: missing {shown}{more}",
                     detail=f"applicable policies: {', '.join(p.key for p in applicable)}",
+                    closest=closest,
+                    closest_note=f"covers {covered} of the {total} permissions requested in "
+                    f"{entry.namespace}",
                 )
     return tuple(sorted(used.values(), key=lambda p: p.key)), None
 
@@ -748,6 +771,18 @@ def check_limits(
                 detail=f"policy {p.key} maxActiveTasks {p.max_active}",
             )
     return None
+
+
+def _closest(entry: AccessEntry, applicable: Sequence[Policy]) -> tuple[Policy, int, int]:
+    """The applicable policy covering most of the entry's permissions (ties: the first
+    by name), how many it covers and of how many. Bounded like the coverage check."""
+    atoms = [a for r in entry.rules for a in r.atoms()]
+    counted = [
+        (sum(1 for a in atoms if any(rule_covers(c, a) for c in p.ceiling)), p)
+        for p in sorted(applicable, key=lambda p: p.key)
+    ]
+    covered, best = max(counted, key=lambda c: c[0])  # the first of the best
+    return best, covered, len(atoms)
 
 
 def check_audiences(spec: TaskSpec, used: Sequence[Policy]) -> Denied | None:

@@ -38,6 +38,7 @@ from .owned import Owned
 
 if TYPE_CHECKING:
     from .approvals import Waiting
+    from .explain import Explainer
     from .limits import Limits
 from .rules import Guardrails
 from .runtime import (
@@ -120,6 +121,7 @@ class Issuance:
     _first_seen: dict[str, datetime]
     waiting: Waiting
     limits: Limits
+    explainer: Explainer
 
     def revoke(self, grant: LiveGrant, reason: Reason, message: str, *args: Any, **kw: Any) -> bool:
         raise NotImplementedError
@@ -280,6 +282,7 @@ class Issuance:
         self._event(task, "Normal", Reason.DRY_RUN, message, "DryRun", spec)
 
     def _deny(self, task: Mapping[str, Any], denied: Denied, spec: TaskSpec | None) -> None:
+        denied = self.explainer.explain(denied, spec.requester if spec else None)
         self._close(task, spec, Phase.DENIED, denied.reason, denied.message, denied.detail)
         self.metrics.denied(denied.reason)
 

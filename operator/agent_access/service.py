@@ -33,6 +33,7 @@ from .engine import (
     parse_task,
     reassess,
 )
+from .explain import Explainer
 from .facts import SUSPENDED, AgentFacts, Cache, Facts
 from .faults import checkpoint
 from .informers import Key
@@ -121,6 +122,7 @@ class Service(Issuance, Awaiting):
         #: Tasks waiting for approval (approvals.py); their AgentTaskApprovals are watched.
         self.waiting = Waiting(self.pool)
         self.limits = Limits(self.registry)
+        self.explainer = Explainer(kube)
         self.policy_status = PolicyStatus(kube, clock)
         self.cache.on_approval = self.waiting.on_vote
         self.facts = Facts(kube, self.io, self.cache)

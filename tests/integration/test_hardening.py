@@ -661,25 +661,82 @@ def test_grants_only_into_watched_namespaces(world, solo):
 # -- no oracle -----------------------------------------------------------------------------
 
 
+def requester_without_policy_access(world, ns: str, user: str):
+    """A person who may create AgentTasks in `ns` and read nothing else."""
+    rbac = "rbac.authorization.k8s.io"
+    world.kube.create(
+        ROLES,
+        ns,
+        {
+            "metadata": {"name": f"{user}-tasks"},
+            "rules": [{"apiGroups": ["agentaccess.io"], "resources": ["agenttasks"],
+                       "verbs": ["create", "get"]}],
+        },
+    )  # fmt: skip
+    world.kube.create(
+        ROLE_BINDINGS,
+        ns,
+        {
+            "metadata": {"name": f"{user}-tasks"},
+            "roleRef": {"apiGroup": rbac, "kind": "Role", "name": f"{user}-tasks"},
+            "subjects": [{"apiGroup": rbac, "kind": "User", "name": user}],
+        },
+    )
+    return as_user(world.kubeconfig, user)
+
+
+def ask(client, ns, name, target, rules):
+    body = {
+        "apiVersion": "agentaccess.io/v1alpha1",
+        "kind": "AgentTask",
+        "metadata": {"name": name},
+        "spec": {
+            "agent": "bot",
+            "intent": "probe",
+            "access": [{"namespace": target, "rules": rules}],
+        },
+    }
+    client.create(AGENT_TASKS, ns, body)
+
+
 def test_denials_do_not_reveal_namespaces_or_policies(world, operator):
     agents, target = scene(world)
+    dev = requester_without_policy_access(world, agents, "dev")
     secret_ns = world.namespace("hidden")
     world.policy(secret_ns, "hidden-policy-name", [(agents, "other")], READ)
     answers = {}
     for ns in (secret_ns, "does-not-exist-anywhere"):
         name = unique("probe")
-        world.task(agents, name, "bot", [{"namespace": ns, "rules": READ}])
+        ask(dev, agents, name, ns, READ)
         got = world.wait_phase(agents, name, "Denied")["status"]
         answers[ns] = (got["reason"], got["message"].replace(ns, "NS"))
     assert answers[secret_ns] == answers["does-not-exist-anywhere"]
     name = unique("probe")
-    world.task(
-        agents, name, "bot", [{"namespace": target, "rules": [{**READ[0], "verbs": ["delete"]}]}]
-    )
+    ask(dev, agents, name, target, [{**READ[0], "verbs": ["delete"]}])
     got = world.wait_phase(agents, name, "Denied")["status"]
     assert got["reason"] == "RuleNotAllowed" and "read" not in got["message"].split(":")[1]
+    assert "closest" not in got["message"]
     line = audit_line(operator, name)
     assert f"{target}/read" in line["detail"]
+    assert f"closest policy AccessPolicy {target}/read covers 0 of the 1" in line["detail"]
+
+
+def test_a_denial_names_the_closest_policy_to_who_may_read_it(world, operator):
+    agents, target = scene(world)
+    world.policy(target, "wider", [(agents, "bot")], [{**READ[0], "verbs": ["get", "list"]}])
+    rules = [{**READ[0], "verbs": ["get", "list", "delete"]}]
+    world.task(agents, "too-much", "bot", [{"namespace": target, "rules": rules}])
+    got = world.wait_phase(agents, "too-much", "Denied")["status"]
+    assert got["reason"] == "RuleNotAllowed"
+    assert "missing delete" in got["message"]
+    # the admin who asked may read the policies: named, with what it lacks
+    assert f"closest policy AccessPolicy {target}/wider covers 2 of the 3" in got["message"]
+    other = world.namespace("other")
+    world.policy(other, "others-only", [(agents, "someone-else")], READ)
+    world.task(agents, "not-named", "bot", [{"namespace": other, "rules": READ}])
+    got = world.wait_phase(agents, "not-named", "Denied")["status"]
+    assert got["reason"] == "NoMatchingPolicy"
+    assert f"{other}/others-only does not name {agents}/bot in its subjects" in got["message"]
 
 
 # -- audit you can trust -------------------------------------------------------------------
