@@ -53,7 +53,7 @@ log "wheels: $(cd "$work/wheels" && ls | tr '\n' ' ')"
 # 2. Debian base with Python, the venv, the wheels installed, nothing to build with.
 mkdir -p "$work/rootfs"
 mmdebstrap --mode=root --variant=essential --format=directory \
-  --include=python3-minimal,libpython3.11-stdlib,libstdc++6,ca-certificates,usr-is-merged \
+  --include=python3-minimal,libpython3.11-stdlib,libstdc++6,tzdata,ca-certificates,usr-is-merged \
   --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
   --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/info/*' \
   --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/lintian/*' \

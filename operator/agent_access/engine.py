@@ -15,6 +15,16 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from .conditions import (
+    Condition,
+    ConditionError,
+    activation,
+    compile_conditions,
+    for_namespace,
+    holds,
+    namespace_object,
+    task_object,
+)
 from .durations import DurationError, parse_duration
 from .model import (
     ANNOTATION_REQUESTER_GROUPS,
@@ -100,6 +110,10 @@ class TaskSpec:
     requester: Requester | None = None
     #: decide, issue nothing (Completed/DryRun, or the real denial)
     dry_run: bool = False
+    #: the task's name, uid and labels (what conditions may read of its metadata)
+    name: str = field(default="", compare=False)
+    uid: str = field(default="", compare=False)
+    labels: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     @property
     def target_namespaces(self) -> tuple[str, ...]:
@@ -214,7 +228,16 @@ def _parse_task_spec(
 def parse_task(task: Mapping[str, Any]) -> TaskSpec:
     """A task's spec with the requester stamped at admission; SpecError if unusable."""
     meta = task.get("metadata") or {}
-    return parse_task_spec(meta.get("namespace", ""), task.get("spec") or {}, requester_of(meta))
+    spec = parse_task_spec(meta.get("namespace", ""), task.get("spec") or {}, requester_of(meta))
+    labels = meta.get("labels")
+    pairs = (
+        tuple(sorted((str(k), str(v)) for k, v in labels.items()))
+        if isinstance(labels, Mapping)
+        else ()
+    )
+    return replace(
+        spec, name=str(meta.get("name") or ""), uid=str(meta.get("uid") or ""), labels=pairs
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,7 +275,7 @@ class Policy:
     #: Live tasks per agent this policy may cover at once (None: no limit).
     max_active: int | None = None
     #: CEL conditions, all of which must hold (see conditions.py).
-    conditions: tuple[Any, ...] = ()
+    conditions: tuple[Condition, ...] = ()
     #: Why the policy matches nothing (a condition or pattern that does not
     #: compile, a malformed spec): (reason, message), reported as Ready=False.
     problem: tuple[str, str] | None = None
@@ -377,6 +400,10 @@ def _parse_policy(body: Mapping[str, Any]) -> Policy:
     why = pattern_problem(pattern) if pattern else None
     if why:
         problem = ("InvalidIntentPattern", f"spec.intent.pattern: {why}")
+    try:
+        conditions = compile_conditions(spec.get("conditions"))
+    except ConditionError as exc:
+        conditions, problem = (), ("InvalidCondition", str(exc))
     return Policy(
         name=meta.get("name", ""),
         namespace=None if cluster else meta.get("namespace"),
@@ -398,6 +425,7 @@ def _parse_policy(body: Mapping[str, Any]) -> Policy:
         presets=presets,
         intent_pattern=pattern or None,
         max_active=max_active,
+        conditions=conditions,
         problem=problem,
         generation=_int(meta.get("generation")),
         uid=str(meta.get("uid") or ""),
@@ -472,6 +500,20 @@ class PodFacts:
     service_account: str
     phase: str
     deleting: bool
+    labels: tuple[tuple[str, str], ...] = ()
+
+    def as_object(self, namespace: str) -> dict[str, Any]:
+        """The pod as conditions see it."""
+        return {
+            "metadata": {
+                "name": self.name,
+                "namespace": namespace,
+                "uid": self.uid,
+                "labels": dict(self.labels),
+            },
+            "spec": {"serviceAccountName": self.service_account},
+            "status": {"phase": self.phase},
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -486,6 +528,9 @@ class World:
     pod: PodFacts | None = None
     #: Why the agent is suspended (its ServiceAccount or its namespace), or None.
     suspended: str | None = None
+    #: The agent's ServiceAccount and the pod, as conditions see them (conditions.py).
+    agent_object: Mapping[str, Any] | None = None
+    pod_object: Mapping[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -611,6 +656,7 @@ def check_coverage(
     spec: TaskSpec,
     policies: Sequence[Policy],
     namespaces: Mapping[str, Mapping[str, str]],
+    context: Mapping[str, Any] | None = None,
 ) -> tuple[tuple[Policy, ...], Denied | None]:
     """Is every requested rule covered by the policies that apply to its namespace?
 
@@ -618,6 +664,11 @@ def check_coverage(
     atom), and a denial naming the namespace and the first uncovered rule. A target
     namespace that does not exist is refused exactly like one no policy governs, so
     the answer reveals nothing about namespaces the requester cannot see.
+
+    A policy applies only while its conditions hold, evaluated with `context` (the
+    CEL variables but the namespace, see conditions.py) and the target namespace;
+    without a context, a policy with conditions does not apply (fail closed). When
+    only policies whose conditions fail would have covered a rule: ConditionFailed.
     """
     subject = (spec.namespace, spec.agent)
     used: dict[str, Policy] = {}
@@ -634,8 +685,10 @@ def check_coverage(
             and p.governs(entry.namespace, labels or {})
         ]
         with_pod = [p for p in naming if spec.pod_name or not p.require_pod]
-        applicable = [p for p in with_pod if _requester_may_act(spec, p)]
-        checks = sum(r.atom_count for r in entry.rules) * sum(len(p.ceiling) for p in applicable)
+        candidates = [p for p in with_pod if _requester_may_act(spec, p)]
+        failing = _failing_conditions(candidates, entry.namespace, labels, context)
+        applicable = [p for p in candidates if p.key not in failing]
+        checks = sum(r.atom_count for r in entry.rules) * sum(len(p.ceiling) for p in candidates)
         if checks > MAX_COVERAGE_CHECKS:
             return (), Denied(
                 Reason.INVALID_SPEC,
@@ -645,6 +698,13 @@ def check_coverage(
             )
         if not applicable:
             first = entry.rules[0].describe()
+            if candidates:  # they would apply, but their conditions do not hold
+                key = sorted(failing)[0]
+                return (), Denied(
+                    Reason.CONDITION_FAILED,
+                    f"namespace {entry.namespace}: {failing[key]}",
+                    detail=f"conditions of {', '.join(sorted(failing))}",
+                )
             if with_pod or _asks_for_another(spec):
                 requester = spec.requester.username if spec.requester else "unknown"
                 return (), Denied(
@@ -687,6 +747,17 @@ def check_coverage(
                     missing.append(atom)
                 for p in covering:
                     used.setdefault(p.key, p)
+            rescuers = [
+                p
+                for p in candidates
+                if p.key in failing and any(rule_covers(c, a) for a in missing for c in p.ceiling)
+            ]
+            if rescuers:  # a policy would cover it, were its conditions to hold
+                return (), Denied(
+                    Reason.CONDITION_FAILED,
+                    f"namespace {entry.namespace}: {failing[rescuers[0].key]}",
+                    detail=f"conditions of {rescuers[0].key}",
+                )
             if missing:
                 shown = "; ".join(_atom_text(a) for a in missing[:5])
                 more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
@@ -773,6 +844,27 @@ def check_limits(
     return None
 
 
+def _failing_conditions(
+    policies: Sequence[Policy],
+    namespace: str,
+    labels: Mapping[str, str] | None,
+    context: Mapping[str, Any] | None,
+) -> dict[str, str]:
+    """{policy key: why} for the policies whose conditions do not hold here."""
+    failing: dict[str, str] = {}
+    with_conditions = [p for p in policies if p.conditions]
+    if not with_conditions:
+        return failing
+    if context is None:
+        return {p.key: "its conditions cannot be evaluated here" for p in with_conditions}
+    variables = for_namespace(context, namespace_object(namespace, labels))
+    for p in with_conditions:
+        why = holds(p.conditions, variables)
+        if why:
+            failing[p.key] = why
+    return failing
+
+
 def _closest(entry: AccessEntry, applicable: Sequence[Policy]) -> tuple[Policy, int, int]:
     """The applicable policy covering most of the entry's permissions (ties: the first
     by name), how many it covers and of how many. Bounded like the coverage check."""
@@ -845,7 +937,8 @@ def evaluate(
     denied = check_protected(spec, world.namespaces)
     if denied:
         return denied
-    used, denied = check_coverage(spec, world.policies, world.namespaces)
+    context = condition_context(spec, world.policies, world.agent_object, world.pod_object, now)
+    used, denied = check_coverage(spec, world.policies, world.namespaces, context)
     denied = denied or check_intent(spec, used) or check_audiences(spec, used)
     if denied:
         return denied
@@ -877,11 +970,27 @@ def decide(
     return evaluate(spec, world, now, guardrails)
 
 
+def condition_context(
+    spec: TaskSpec,
+    policies: Sequence[Policy],
+    agent: Mapping[str, Any] | None,
+    pod: Mapping[str, Any] | None,
+    now: datetime,
+) -> dict[str, Any] | None:
+    """The CEL variables but the target namespace; None when no policy has conditions
+    (nothing is built for the common case)."""
+    if not any(p.conditions for p in policies):
+        return None
+    requester = spec.requester.to_dict() if spec.requester else None
+    return activation(task_object(spec), agent, pod, requester, now)
+
+
 def reassess(
     spec: TaskSpec,
     policies: Sequence[Policy],
     namespaces: Mapping[str, Mapping[str, str]],
     previous_policies: Sequence[str],
+    context: Mapping[str, Any] | None = None,
 ) -> Denied | timedelta:
     """After an outside change: the longest grant the policies allow now, or why the
     grant must end (PolicyDeleted when a policy it relied on is gone, else
@@ -899,8 +1008,10 @@ def reassess(
             Reason.POLICY_CHANGED,
             f"the rules granted by preset in {', '.join(unknown)} are not known any more",
         )
-    used, denied = check_coverage(spec, policies, namespaces)
+    used, denied = check_coverage(spec, policies, namespaces, context)
     denied = denied or check_intent(spec, used) or check_audiences(spec, used)
+    if denied is not None and denied.reason == Reason.CONDITION_FAILED:
+        return denied  # Revoked / ConditionFailed
     if denied is None:
         ttl = min([spec.ttl, *(p.max_ttl for p in used)])
         return timedelta(seconds=max(1, int(ttl.total_seconds())))

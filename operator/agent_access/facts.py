@@ -21,6 +21,7 @@ Every parse of a user object is total: a malformed or hostile policy is skipped
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
@@ -87,6 +88,20 @@ def pod_facts(pod: Mapping[str, Any] | None) -> PodFacts | None:
         service_account=spec.get("serviceAccountName") or spec.get("serviceAccount") or "default",
         phase=(pod.get("status") or {}).get("phase", ""),
         deleting=bool(meta.get("deletionTimestamp")),
+        labels=_pairs(meta.get("labels")),
+    )
+
+
+def _pairs(raw: Any, skip: tuple[str, ...] = ()) -> tuple[tuple[str, str], ...]:
+    """Labels or annotations, compact and comparable (interned: few distinct strings)."""
+    if not isinstance(raw, Mapping) or not raw:
+        return ()
+    return tuple(
+        sorted(
+            (sys.intern(str(k)), sys.intern(str(v)) if len(str(v)) < 64 else str(v))
+            for k, v in raw.items()
+            if k not in skip
+        )
     )
 
 
@@ -98,6 +113,27 @@ SUSPENDED = "agentaccess.io/suspended"
 class AgentFacts(NamedTuple):
     uid: str
     suspended: bool
+    labels: tuple[tuple[str, str], ...] = ()
+    annotations: tuple[tuple[str, str], ...] = ()
+
+
+#: Annotations never kept (large, and no condition needs them).
+SKIPPED_ANNOTATIONS = ("kubectl.kubernetes.io/last-applied-configuration",)
+
+
+def agent_object(namespace: str, name: str, facts: AgentFacts | None) -> dict[str, Any] | None:
+    """The agent's ServiceAccount as conditions see it."""
+    if facts is None:
+        return None
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "uid": facts.uid,
+            "labels": dict(facts.labels),
+            "annotations": dict(facts.annotations),
+        }
+    }
 
 
 def _agent(sa: Mapping[str, Any]) -> AgentFacts | Any:
@@ -107,7 +143,14 @@ def _agent(sa: Mapping[str, Any]) -> AgentFacts | Any:
     if str(meta.get("name") or "").startswith(IDENTITY_PREFIX):
         return SKIP
     annotations = meta.get("annotations") or {}
-    return AgentFacts(str(meta.get("uid") or ""), annotations.get(SUSPENDED) == "true")
+    if not isinstance(annotations, Mapping):
+        annotations = {}
+    return AgentFacts(
+        str(meta.get("uid") or ""),
+        annotations.get(SUSPENDED) == "true",
+        _pairs(meta.get("labels")),
+        _pairs(annotations, SKIPPED_ANNOTATIONS),
+    )
 
 
 def suspension(
@@ -279,6 +322,25 @@ class Facts:
             found = [v for b in raw if (v := parse_vote(b)) is not None]
         return [v for v in found if v.task_uid == task_uid]
 
+    def condition_objects(
+        self, spec: TaskSpec
+    ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """The agent's ServiceAccount and the task's pod as conditions see them."""
+        cache = self._cached()
+        if cache is not None:
+            agent = cache.service_accounts.get(spec.namespace, spec.agent)
+            pod = cache.pods.get(spec.namespace, spec.pod_name) if spec.pod_name else None
+        else:
+            sa = self.kube.get(SERVICE_ACCOUNTS, spec.namespace, spec.agent)
+            found = _agent(sa) if sa else None
+            agent = found if isinstance(found, AgentFacts) else None
+            raw = self.kube.get(PODS, spec.namespace, spec.pod_name) if spec.pod_name else None
+            pod = pod_facts(raw)
+        return (
+            agent_object(spec.namespace, spec.agent, agent),
+            pod.as_object(spec.namespace) if pod else None,
+        )
+
     def world(self, spec: TaskSpec) -> tuple[World, bool]:
         """Every fact the decision needs: from the watches (no request; True) when they
         are ready, else read from the API server (False)."""
@@ -287,14 +349,17 @@ class Facts:
             return self.world_from_api(spec), False
         targets = spec.target_namespaces
         agent = cache.service_accounts.get(spec.namespace, spec.agent)
+        pod = cache.pods.get(spec.namespace, spec.pod_name) if spec.pod_name else None
         return World(
             policies=self.policies(targets),
             namespaces=self.namespaces(targets),
             agent_exists=agent is not None,
-            pod=cache.pods.get(spec.namespace, spec.pod_name) if spec.pod_name else None,
+            pod=pod,
             suspended=suspension(
                 spec.namespace, spec.agent, agent, cache.namespaces.get(None, spec.namespace)
             ),
+            agent_object=agent_object(spec.namespace, spec.agent, agent),
+            pod_object=pod.as_object(spec.namespace) if pod else None,
         ), True
 
     def world_from_api(self, spec: TaskSpec) -> World:
@@ -308,11 +373,17 @@ class Facts:
         home = submit(self.kube.get, NAMESPACES, None, spec.namespace)
         pod = submit(self.kube.get, PODS, spec.namespace, spec.pod_name) if spec.pod_name else None
         sa = agent.result()
+        facts = _agent(sa) if sa else None
+        found = pod_facts(pod.result()) if pod else None
         return World(
             policies=parse_policies([p for f in policies for p in f.result()], cluster.result()),
             namespaces=namespace_labels([ns for f in namespaces if (ns := f.result())]),
             agent_exists=sa is not None,
-            pod=pod_facts(pod.result()) if pod else None,
+            pod=found,
+            agent_object=agent_object(
+                spec.namespace, spec.agent, facts if isinstance(facts, AgentFacts) else None
+            ),
+            pod_object=found.as_object(spec.namespace) if found else None,
             suspended=suspension(
                 spec.namespace,
                 spec.agent,

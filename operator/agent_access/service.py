@@ -12,7 +12,9 @@ anyone else neither ends a live grant (it is restored) nor revives an ended one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -29,7 +31,9 @@ from .engine import (
     PodFacts,
     Policy,
     SpecError,
+    TaskSpec,
     check_guardrails,
+    condition_context,
     parse_task,
     reassess,
 )
@@ -60,6 +64,9 @@ log = logging.getLogger(__name__)
 
 TERMINAL = {p.value for p in Phase if p.terminal}
 RETRY_DELAY = timedelta(milliseconds=500)
+#: Live grants under policies with conditions are re-evaluated at least this often (the
+#: contract says 60 s): conditions on `now` change without any event.
+CONDITIONS_PERIOD = 30.0
 #: A grant's revocation starts this long before its expiresAt, so that its bindings
 #: are gone (403) by then rather than a RoleBinding DELETE round trip after.
 EXPIRY_LEAD = timedelta(milliseconds=5)
@@ -143,6 +150,7 @@ class Service(Issuance, Awaiting):
         self._pending_recheck: set[str] = set()
         #: End-of-grant statuses that could not be written yet: retried by the timer.
         self._pending_status: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
+        self._stopped = threading.Event()
         metrics.bind_registry(self.registry, self.clock)
 
     def _fire(self, uid: str) -> None:
@@ -152,6 +160,7 @@ class Service(Issuance, Awaiting):
         """Stop: no new work starts, queued work is dropped (a restart, or the next
         leader, rebuilds everything from the cluster), and work already running gets
         up to `timeout` seconds to finish. True if nothing runs any more."""
+        self._stopped.set()
         self.cache.stop()
         self.deadlines.stop()
         self.waiting.stop()
@@ -295,11 +304,22 @@ class Service(Issuance, Awaiting):
                 return
         targets = [g.namespace for g in grant.grants]
         policies, namespaces = self.facts.policies(targets), self.facts.namespaces(targets)
-        verdict = reassess(spec, policies, namespaces, grant.policies)
+        verdict = reassess(
+            spec, policies, namespaces, grant.policies, self._context(spec, policies, now)
+        )
         if isinstance(verdict, Denied):
             self.revoke(grant, verdict.reason, verdict.message, detail=verdict.detail)
         else:  # a maxTTL lowered meanwhile (e.g. while the operator was down)
             self._clamp(grant, verdict)
+
+    def _context(
+        self, spec: TaskSpec, policies: list[Policy], now: datetime
+    ) -> dict[str, Any] | None:
+        """What a re-check's conditions read (None, and nothing read, without any)."""
+        if not any(p.conditions for p in policies):
+            return None
+        agent, pod = self.facts.condition_objects(spec)
+        return condition_context(spec, policies, agent, pod, now)
 
     @staticmethod
     def _pod_message(pod: str, reason: Reason) -> str:
@@ -449,6 +469,8 @@ class Service(Issuance, Awaiting):
     def _pod_event(self, kind: str, key: Key, old: PodFacts | None, new: PodFacts | None) -> None:
         ns, name = key
         if new is not None and not new.deleting and new.phase not in ("Succeeded", "Failed"):
+            if old is not None and old.labels != new.labels and self.registry.has_pod(ns, name):
+                self._reevaluate_soon(self.registry.for_pod(ns, name))  # conditions read them
             return  # running or pending: ends nothing (the common case in a busy cluster)
         if old is not None and old == new:
             return
@@ -467,6 +489,12 @@ class Service(Issuance, Awaiting):
                 self.pool.submit(self.on_agent_suspended, ns, name, f"agent ServiceAccount "
                                  f"{ns}/{name} is suspended (annotation {SUSPENDED})")  # fmt: skip
         if new is not None and (old is None or old.uid == new.uid):
+            if (
+                old is not None
+                and (old.labels, old.annotations) != (new.labels, new.annotations)
+                and self.registry.has_agent(ns, name)
+            ):
+                self._reevaluate_soon(self.registry.for_agent(ns, name))  # conditions read them
             return  # created, or changed but the same object
         # deleted, or deleted and created again while the watch was down
         self.registry.bump()
@@ -505,6 +533,28 @@ class Service(Issuance, Awaiting):
                 return
             self._dirty_queued = True
         self.triggers.submit(self._reevaluate_dirty)
+
+    def _reevaluate_soon(self, grants: list[LiveGrant]) -> None:
+        """Re-evaluate these grants (their conditions read something that changed)."""
+        self.registry.bump()
+        if grants:
+            with contextlib.suppress(RuntimeError):  # shutting down
+                self.triggers.submit(self._reevaluate, grants)
+
+    def recheck_conditions(self) -> None:
+        """Every live grant that relies on a policy with conditions is re-evaluated (time
+        windows move on without any event). Called every CONDITIONS_PERIOD."""
+        keys = {p.key for p in self.facts.policies(None) if p.conditions}
+        if keys:
+            self._reevaluate_soon([g for g in self.registry.all() if keys & set(g.policies)])
+
+    def _every_period(self) -> None:
+        period = float(os.environ.get("AAO_CONDITIONS_PERIOD") or CONDITIONS_PERIOD)  # tests
+        while not self._stopped.wait(period):
+            try:
+                self.recheck_conditions()
+            except Exception:  # an API error: next period
+                log.exception("re-checking conditions failed")
 
     def _reevaluate_dirty(self) -> None:
         with self._dirty_lock:
@@ -561,7 +611,8 @@ class Service(Issuance, Awaiting):
             if grant.uid in self._ending:
                 continue  # already on its way out (an earlier pass)
             try:
-                verdict = reassess(grant.spec, policies, namespaces, grant.policies)
+                context = self._context(grant.spec, policies, triggered)
+                verdict = reassess(grant.spec, policies, namespaces, grant.policies, context)
             except Exception:  # one grant's trouble never spares the others
                 log.exception("re-evaluating %s failed; revoking it", grant.ref)
                 verdict = Denied(Reason.POLICY_CHANGED, "policies changed; could not re-evaluate")
@@ -699,4 +750,5 @@ class Service(Issuance, Awaiting):
         self.policy_status.observe_all(
             [*self.cache.policies.values(), *self.cache.cluster_policies.values()]
         )
+        threading.Thread(target=self._every_period, name="conditions", daemon=True).start()
         recover(self)

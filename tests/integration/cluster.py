@@ -57,17 +57,20 @@ def apply_crds(kubeconfig: str) -> None:
     wait_for_admission(admin(kubeconfig))
 
 
-def _until_answers(call: Callable[[], Any], transient: int, timeout: float, what: str) -> None:
-    """Call until it stops failing with the `transient` status (other errors raise)."""
+def _until_answers(
+    call: Callable[[], Any], transient: int, timeout: float, what: str, also: str = ""
+) -> None:
+    """Call until it stops failing with the `transient` status, or a 422 saying `also`
+    (other errors raise)."""
 
     def ready() -> bool:
         try:
             call()
             return True
         except KubeError as exc:
-            if exc.status != transient:
-                raise
-            return False
+            if exc.status == transient or (also and exc.status == 422 and also in exc.reason):
+                return False
+            raise
 
     wait_for(ready, timeout, 0.2, what)
 
@@ -115,6 +118,8 @@ def wait_for_admission(kube: Kube, timeout: float = 90) -> None:
         503,
         timeout,
         "the admission policies to know AgentTaskApprovals",
+        # the self-approval policy's parameters (AgentTasks) are found a moment later
+        also="failed to find resource referenced by paramKind",
     )
 
 

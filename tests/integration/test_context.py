@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import threading
 
-from agent_access.kube import ACCESS_POLICIES, AGENT_TASKS, KubeError
+from agent_access.kube import (
+    ACCESS_POLICIES,
+    AGENT_TASKS,
+    NAMESPACES,
+    SERVICE_ACCOUNTS,
+    KubeError,
+)
 
-from .cluster import as_token, list_pods_status, wait_for
+from .cluster import as_token, list_pods_status, poll_status, wait_for
 
 READ = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
 LOGS = [{"apiGroups": [""], "resources": ["pods", "pods/log"], "verbs": ["get", "list"]}]
@@ -107,3 +113,89 @@ def test_max_active_tasks_holds_when_tasks_arrive_together(world, operator):
     world.wait_phase(agents, "after", "Active")
     world.task(agents, "over", "bot", [{"namespace": target, "rules": READ}])
     assert world.wait_phase(agents, "over", "Denied")["status"]["reason"] == "LimitExceeded"
+
+
+RESTRICTED = {
+    "expression": "namespace.metadata.labels['data-class'] != 'restricted' || "
+    "duration(task.spec.ttl) <= duration('10m')",
+    "message": "restricted data only for 10 minutes",
+}
+
+
+def test_conditions_hold_at_grant_time(world, operator):
+    agents, target = scene(world, conditions=[RESTRICTED])
+    world.kube.merge_patch(
+        NAMESPACES, None, target, {"metadata": {"labels": {"data-class": "restricted"}}}
+    )
+    world.task(agents, "long", "bot", [{"namespace": target, "rules": READ}], ttl="1h")
+    long = world.wait_phase(agents, "long", "Denied")["status"]
+    assert long["reason"] == "ConditionFailed", long
+    assert "restricted data only for 10 minutes" in long["message"]
+    world.task(agents, "short", "bot", [{"namespace": target, "rules": READ}], ttl="5m")
+    world.wait_phase(agents, "short", "Active")
+
+
+def test_a_grant_whose_conditions_stop_holding_is_revoked(world, operator):
+    agents, target = scene(world, conditions=[RESTRICTED])
+    world.kube.merge_patch(
+        NAMESPACES, None, target, {"metadata": {"labels": {"data-class": "public"}}}
+    )
+    world.task(agents, "live", "bot", [{"namespace": target, "rules": READ}], ttl="1h")
+    task = world.wait_phase(agents, "live", "Active")
+    client = as_token(world.kubeconfig, world.token(task))
+    assert list_pods_status(client, target) == 200
+    world.kube.merge_patch(
+        NAMESPACES, None, target, {"metadata": {"labels": {"data-class": "restricted"}}}
+    )
+    poll_status(lambda: list_pods_status(client, target), {401, 403}, 5.0)
+    done = world.wait_phase(agents, "live", "Revoked")["status"]
+    assert done["reason"] == "ConditionFailed", done
+    assert "restricted data only for 10 minutes" in done["message"]
+    wait_for(lambda: world.task_objects(task) == [], 10, what="the grant's objects gone")
+
+
+def test_conditions_on_the_agent_and_the_requester(world, operator):
+    trusted = {
+        "expression": "agent.metadata.labels[?'tier'] == optional.of('trusted') && "
+        "requester.username == 'admin'",
+        "message": "trusted agents, asked by admin",
+    }
+    agents, target = scene(world, conditions=[trusted])
+    world.task(agents, "untrusted", "bot", [{"namespace": target, "rules": READ}])
+    assert world.wait_phase(agents, "untrusted", "Denied")["status"]["reason"] == "ConditionFailed"
+    world.kube.merge_patch(
+        SERVICE_ACCOUNTS, agents, "bot", {"metadata": {"labels": {"tier": "trusted"}}}
+    )
+    world.task(agents, "trusted", "bot", [{"namespace": target, "rules": READ}])
+    world.wait_phase(agents, "trusted", "Active")
+    world.kube.merge_patch(
+        SERVICE_ACCOUNTS, agents, "bot", {"metadata": {"labels": {"tier": None}}}
+    )
+    assert world.wait_phase(agents, "trusted", "Revoked")["status"]["reason"] == "ConditionFailed"
+
+
+def test_an_expression_that_does_not_compile_is_reported_on_the_policy(world, operator):
+    agents, target = scene(world, conditions=[{"expression": "namespace.metadata.labels["}])
+    cond = ready(world, target, "p")
+    assert (cond["status"], cond["reason"]) == ("False", "InvalidCondition"), cond
+    assert "spec.conditions[0]" in cond["message"] and "Syntax error" in cond["message"]
+    world.task(agents, "any", "bot", [{"namespace": target, "rules": READ}])
+    assert world.wait_phase(agents, "any", "Denied")["status"]["reason"] == "NoMatchingPolicy"
+    typed = {"expression": "'not a bool'"}
+    world.kube.merge_patch(ACCESS_POLICIES, target, "p", {"spec": {"conditions": [typed]}})
+    wait_for(lambda: "not bool" in ready(world, target, "p")["message"], 10, what="type error")
+
+
+def test_time_windows_are_rechecked_without_any_event(world, solo):
+    """A condition on `now` ends the grant once it stops holding (the periodic re-check;
+    its period is shortened for the test)."""
+    from datetime import UTC, datetime, timedelta
+
+    solo(env={"AAO_CONDITIONS_PERIOD": "1"})
+    until = (datetime.now(UTC) + timedelta(seconds=4)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    window = {"expression": f"now < timestamp('{until}')", "message": "the change window is over"}
+    agents, target = scene(world, conditions=[window])
+    world.task(agents, "window", "bot", [{"namespace": target, "rules": READ}], ttl="1h")
+    world.wait_phase(agents, "window", "Active")
+    done = world.wait_phase(agents, "window", "Revoked", timeout=15)["status"]
+    assert done["reason"] == "ConditionFailed" and "change window is over" in done["message"]
