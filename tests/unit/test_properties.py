@@ -103,3 +103,51 @@ def test_grants_stay_within_policies_guardrails_and_ttl(pols, access, ttl_minute
         assert decision.expires_at - decision.granted_at <= p.max_ttl
     # and every used policy really applies to a granted namespace
     assert all(p.namespace in {g.namespace for g in decision.grants} for p in used.values())
+
+
+CONDITION_POOL = [
+    "true",
+    "false",
+    "namespace.metadata.name == 'ns1'",
+    "namespace.metadata.labels[?'tier'] == optional.of('prod')",
+    "duration(task.spec.ttl) <= duration('30m')",
+    "now.getHours() >= 12",
+    "requester == null || requester.username == 'alice'",
+    "pod == null",
+    "namespace.metadata.labels['missing'] == 'x'",  # errs: counts as false
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    policies,
+    requests,
+    st.integers(1, 300),
+    st.lists(st.sampled_from(CONDITION_POOL), min_size=1, max_size=2),
+    st.integers(0, 3),
+    st.integers(0, 23),
+)
+def test_conditions_only_narrow_what_rules_allow(pols, access, ttl, exprs, which, hour):
+    """Adding conditions to a policy never grants anything it would not grant without
+    them: whatever is granted with conditions is granted without, the same way."""
+    from dataclasses import replace
+
+    from agent_access.conditions import compile_condition
+
+    conditions = tuple(compile_condition(e) for e in exprs)
+    with_conditions = [
+        replace(p, conditions=conditions) if i == which else p for i, p in enumerate(pols)
+    ]
+    spec = {"agent": "bot", "intent": "x", "ttl": f"{ttl}m", "access": access}
+    now = NOW.replace(hour=hour)
+    namespaces = {"ns1": {"tier": "prod"}, "ns2": {}}
+    narrowed = decide("agents", spec, World(policies=with_conditions, namespaces=namespaces), now)
+    plain = decide("agents", spec, World(policies=pols, namespaces=namespaces), now)
+    if isinstance(narrowed, Granted):
+        assert isinstance(plain, Granted)
+        assert narrowed.grants == plain.grants
+        assert {p.key for p in narrowed.policies} <= {p.key for p in plain.policies}
+        for p in narrowed.policies:  # and only policies whose conditions hold were used
+            assert p.key not in {q.key for q in with_conditions if q.conditions} or all(
+                e not in ("false",) for e in exprs
+            )
