@@ -102,6 +102,10 @@ class TaskRef:
     created: datetime
 
 
+#: status.approvals lists every counted decision and at most this many others (the
+#: newest): approvals anyone may create cannot grow a task's status without bound.
+MAX_UNCOUNTED = 16
+
 WAITING = "waiting"
 APPROVED = "approved"
 DENIED = "denied"
@@ -117,6 +121,8 @@ class Outcome:
     deadline: datetime | None = None
     #: for the audit line only (policy names and counts)
     detail: str = ""
+    #: every decision (status.approvals is bounded, the audit trail is not)
+    every: list[dict[str, Any]] = field(default_factory=list)
 
 
 def requiring(policies: Sequence[Policy]) -> list[Policy]:
@@ -196,6 +202,10 @@ def assess(
         else:
             for p in eligible:
                 approvers[p.key].add(who.username)
+    every = entries
+    uncounted = [i for i, e in enumerate(entries) if not e["counted"]]
+    dropped = set(uncounted[:-MAX_UNCOUNTED]) if len(uncounted) > MAX_UNCOUNTED else set()
+    entries = [e for i, e in enumerate(entries) if i not in dropped]
     if denial is not None and denial.approver is not None:
         because = f": {denial.comment}" if denial.comment else ""
         return Outcome(
@@ -203,6 +213,7 @@ def assess(
             f"denied by {denial.approver.username}{because}",
             entries,
             deadline,
+            every=every,
         )
     missing = [
         (p, p.approval.required - len(approvers[p.key]))
@@ -211,7 +222,7 @@ def assess(
     ]
     if not missing:
         names = sorted({n for who in approvers.values() for n in who})
-        return Outcome(APPROVED, f"approved by {', '.join(names)}", entries, deadline)
+        return Outcome(APPROVED, f"approved by {', '.join(names)}", entries, deadline, every=every)
     detail = "; ".join(
         f"{p.key}: {len(approvers[p.key])} of {p.approval.required}"
         for p, _ in missing
@@ -224,6 +235,7 @@ def assess(
             entries,
             deadline,
             detail,
+            every,
         )
     return Outcome(
         WAITING,
@@ -231,4 +243,5 @@ def assess(
         entries,
         deadline,
         detail,
+        every,
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -57,11 +57,17 @@ class Waiting:
     server has it now, to its queue; it runs on `pool`, never on a watch thread.
     """
 
-    def __init__(self, pool: ThreadPoolExecutor):
-        self.pool = pool
+    def __init__(self) -> None:
+        #: Wake-ups read the task: on threads of their own, so a burst of them never
+        #: queues in front of revocations.
+        self.pool = ThreadPoolExecutor(2, thread_name_prefix="wake")
         self.wake: Callable[[str, str], bool] | None = None
         self._lock = threading.Lock()
         self._tasks: dict[str, Key] = {}
+        #: uid -> (target namespaces, agent): which changes concern a waiting task
+        self._scope: dict[str, tuple[frozenset[str], str]] = {}
+        #: uids whose wake-up is queued and not yet running (bursts coalesce)
+        self._queued: set[str] = set()
         #: uid -> the decisions already recorded (audit line, Event): a handling that
         #: works from a task body older than its own last status write repeats none.
         self._announced: dict[str, set[str]] = {}
@@ -70,9 +76,12 @@ class Waiting:
         self.generation = 0
         self.deadlines = Deadlines(self._wake)
 
-    def wait(self, uid: str, key: Key, deadline: datetime) -> None:
+    def wait(
+        self, uid: str, key: Key, deadline: datetime, targets: Sequence[str] = (), agent: str = ""
+    ) -> None:
         with self._lock:
             self._tasks[uid] = key
+            self._scope[uid] = (frozenset(targets), agent)
         self.deadlines.schedule(uid, deadline)
 
     def announce(self, uid: str, names: set[str]) -> set[str]:
@@ -86,6 +95,7 @@ class Waiting:
     def done(self, uid: str) -> None:
         with self._lock:
             found = self._tasks.pop(uid, None)
+            self._scope.pop(uid, None)
             self._announced.pop(uid, None)
         if found is not None:
             self.deadlines.cancel(uid)
@@ -103,10 +113,32 @@ class Waiting:
             self._wake(vote.task_uid)
 
     def wake_all(self) -> None:
-        """Something every waiting task may depend on changed (a policy, a namespace,
-        an agent): decide each again."""
+        """Something every waiting task may depend on changed (a ClusterAccessPolicy):
+        decide each again."""
         with self._lock:
             uids = list(self._tasks)
+        for uid in uids:
+            self._wake(uid)
+
+    def wake_namespace(self, namespace: str) -> None:
+        """A policy of this namespace, or the namespace itself, changed: the waiting
+        tasks that ask for access there, or whose agents run there."""
+        with self._lock:
+            uids = [
+                uid
+                for uid, (targets, _) in self._scope.items()
+                if namespace in targets or self._tasks[uid][0] == namespace
+            ]
+        for uid in uids:
+            self._wake(uid)
+
+    def wake_agent(self, namespace: str, agent: str) -> None:
+        with self._lock:
+            uids = [
+                uid
+                for uid, (_, who) in self._scope.items()
+                if self._tasks[uid][0] == namespace and who == agent
+            ]
         for uid in uids:
             self._wake(uid)
 
@@ -117,12 +149,15 @@ class Waiting:
     def _wake(self, uid: str) -> None:
         with self._lock:
             key = self._tasks.get(uid)
-        if key is None or self.wake is None:
-            return
+            if key is None or self.wake is None or uid in self._queued:
+                return
+            self._queued.add(uid)
         with contextlib.suppress(RuntimeError):  # shutting down
             self.pool.submit(self._wake_now, uid, key)
 
     def _wake_now(self, uid: str, key: Key) -> None:
+        with self._lock:
+            self._queued.discard(uid)
         try:
             woken = self.wake(*key) if self.wake else True
         except Exception as exc:
@@ -136,6 +171,7 @@ class Waiting:
 
     def stop(self) -> None:
         self.deadlines.stop()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Awaiting:
@@ -206,7 +242,10 @@ class Awaiting:
             return None
         self._await(task, spec, decision, outcome)
         assert outcome.deadline is not None
-        self.waiting.wait(uid, (spec.namespace, meta["name"]), outcome.deadline)
+        self.waiting.wait(
+            uid, (spec.namespace, meta["name"]), outcome.deadline,
+            spec.target_namespaces, spec.agent,
+        )  # fmt: skip
         if self.waiting.generation != generation:  # an approval arrived meanwhile
             self.waiting.poke(uid)
         return None
@@ -270,9 +309,9 @@ class Awaiting:
             if isinstance(a, Mapping)
         }
         requester = spec.requester.to_dict() if spec.requester else None
-        names = {str(a.get("name")) for a in outcome.approvals} - known
+        names = {str(a.get("name")) for a in outcome.every} - known
         new = self.waiting.announce(task["metadata"]["uid"], names)
-        for entry in outcome.approvals:
+        for entry in outcome.every:
             if entry.get("name") not in new:
                 continue
             who = (entry.get("approver") or {}).get("username") or "unknown"

@@ -34,6 +34,11 @@ from cel_expr_python import cel
 #: Longest expression accepted (the CRD refuses longer ones at apply time too).
 MAX_EXPRESSION = 4096
 MAX_CONDITIONS = 16
+#: Functions that can multiply a string's size in one call (nested, exponentially, with
+#: no loop at all): `'a'.replace('a', 'aaaa')`, `s.split('').join(s)`, `s.quote()`.
+#: Refused at compile time: with them gone, what an evaluation builds is bounded by
+#: the expression's length times the loop limit.
+FORBIDDEN_FUNCTIONS = frozenset({"replace", "join", "quote"})
 #: `namespace` is a reserved word in CEL: the contract's variable is renamed to an
 #: identifier of the same length, so error positions stay right.
 NAMESPACE_ALIAS = "namespacE"
@@ -109,6 +114,38 @@ def rewrite(expression: str) -> str:
     return "".join(out)
 
 
+def called_functions(expression: str) -> list[str]:
+    """Names of the functions an expression calls (identifiers followed by "("),
+    strings skipped: a lexical view, enough to refuse a function wherever it is."""
+    names: list[str] = []
+    i, n = 0, len(expression)
+    while i < n:
+        c = expression[i]
+        if c in "'\"":
+            i = _string_end(expression, i)
+            continue
+        if c.isalpha() or c == "_":
+            j = i
+            while j < n and (expression[j].isalnum() or expression[j] == "_"):
+                j += 1
+            if (
+                j < n
+                and expression[j] in "'\""
+                and expression[i:j].lower() in ("r", "b", "rb", "br")
+            ):
+                i = _string_end(expression, j)
+                continue
+            k = j
+            while k < n and expression[k].isspace():
+                k += 1
+            if k < n and expression[k] == "(":
+                names.append(expression[i:j])
+            i = j
+            continue
+        i += 1
+    return names
+
+
 def _string_end(text: str, start: int) -> int:
     """The index just past the string literal starting at `start` (a quote)."""
     quote = text[start]
@@ -134,8 +171,15 @@ def compile_condition(expression: Any, message: str = "") -> Condition:
         raise ConditionError("an empty expression")
     if len(expression) > MAX_EXPRESSION:
         raise ConditionError(f"longer than {MAX_EXPRESSION} characters")
+    rewritten = rewrite(expression)
+    called = FORBIDDEN_FUNCTIONS & set(called_functions(rewritten))
+    if called:
+        raise ConditionError(
+            f"{', '.join(sorted(called))} may not be used: it can make an evaluation build "
+            "huge strings (see docs/policy-guide.md)"
+        )
     try:
-        program = _environment().compile(rewrite(expression))
+        program = _environment().compile(rewritten)
     except RuntimeError as exc:
         raise ConditionError(_clean(str(exc))) from None
     kind = program.return_type()
@@ -169,19 +213,41 @@ def _clean(text: str) -> str:
     return " ".join(text.split())[:512]
 
 
-def holds(conditions: Sequence[Condition], variables: Mapping[str, Any]) -> str | None:
-    """None if every condition holds; else why not (its message, or the expression; an
-    evaluation error counts as false and says so)."""
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why conditions do not hold: `message` for the requester (the author's message,
+    or a text that reveals nothing of the policy); `detail` (the expression, the
+    evaluation error) for the audit line only."""
+
+    message: str
+    detail: str
+
+
+NOT_HOLDING = "a condition of a policy that would cover this request does not hold"
+
+
+def holds(conditions: Sequence[Condition], variables: Mapping[str, Any]) -> Failure | None:
+    """None if every condition holds; else why not. An evaluation that errs (a missing
+    label, the loop limit, memory) counts as false."""
     for condition in conditions:
         try:
             value = condition.program.eval(data=dict(variables))
-        except RuntimeError as exc:  # e.g. the loop limit
-            return f"condition {condition.expression!r} could not be evaluated: {_clean(str(exc))}"
+        except Exception as exc:  # the loop limit, memory: never a crash, always false
+            return Failure(
+                condition.message or NOT_HOLDING,
+                f"condition {condition.expression!r} could not be evaluated: {_clean(str(exc))}",
+            )
         if value.type() == cel.Type.ERROR:
             why = _clean(str(value.value()))
-            return f"condition {condition.expression!r} could not be evaluated: {why}"
+            return Failure(
+                condition.message or NOT_HOLDING,
+                f"condition {condition.expression!r} could not be evaluated: {why}",
+            )
         if value.type() != cel.Type.BOOL or value.value() is not True:
-            return condition.message or f"condition {condition.expression!r} does not hold"
+            return Failure(
+                condition.message or NOT_HOLDING,
+                f"condition {condition.expression!r} does not hold",
+            )
     return None
 
 

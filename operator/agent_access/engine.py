@@ -16,8 +16,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .conditions import (
+    NOT_HOLDING,
     Condition,
     ConditionError,
+    Failure,
     activation,
     compile_conditions,
     for_namespace,
@@ -702,8 +704,8 @@ def check_coverage(
                 key = sorted(failing)[0]
                 return (), Denied(
                     Reason.CONDITION_FAILED,
-                    f"namespace {entry.namespace}: {failing[key]}",
-                    detail=f"conditions of {', '.join(sorted(failing))}",
+                    f"namespace {entry.namespace}: {failing[key].message}",
+                    detail=f"policy {key}: {failing[key].detail}",
                 )
             if with_pod or _asks_for_another(spec):
                 requester = spec.requester.username if spec.requester else "unknown"
@@ -753,10 +755,11 @@ def check_coverage(
                 if p.key in failing and any(rule_covers(c, a) for a in missing for c in p.ceiling)
             ]
             if rescuers:  # a policy would cover it, were its conditions to hold
+                failure = failing[rescuers[0].key]
                 return (), Denied(
                     Reason.CONDITION_FAILED,
-                    f"namespace {entry.namespace}: {failing[rescuers[0].key]}",
-                    detail=f"conditions of {rescuers[0].key}",
+                    f"namespace {entry.namespace}: {failure.message}",
+                    detail=f"policy {rescuers[0].key}: {failure.detail}",
                 )
             if missing:
                 shown = "; ".join(_atom_text(a) for a in missing[:5])
@@ -820,9 +823,10 @@ def check_intent(spec: TaskSpec, used: Sequence[Policy]) -> Denied | None:
         if p.intent_pattern is not None and not intent_matches(p.intent_pattern, spec.intent):
             return Denied(
                 Reason.INTENT_REJECTED,
-                f"the intent does not match the pattern a policy covering this request "
-                f"requires: {p.intent_pattern}",
+                "the intent does not match the pattern a policy covering this request requires",
                 detail=f"policy {p.key}",
+                closest=p,
+                closest_note=f"requires an intent matching {p.intent_pattern}",
             )
     return None
 
@@ -849,14 +853,15 @@ def _failing_conditions(
     namespace: str,
     labels: Mapping[str, str] | None,
     context: Mapping[str, Any] | None,
-) -> dict[str, str]:
+) -> dict[str, Failure]:
     """{policy key: why} for the policies whose conditions do not hold here."""
-    failing: dict[str, str] = {}
+    failing: dict[str, Failure] = {}
     with_conditions = [p for p in policies if p.conditions]
     if not with_conditions:
         return failing
     if context is None:
-        return {p.key: "its conditions cannot be evaluated here" for p in with_conditions}
+        blind = Failure(NOT_HOLDING, "its conditions cannot be evaluated here")
+        return {p.key: blind for p in with_conditions}
     variables = for_namespace(context, namespace_object(namespace, labels))
     for p in with_conditions:
         why = holds(p.conditions, variables)

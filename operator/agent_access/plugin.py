@@ -45,8 +45,9 @@ EXAMPLES = """examples:
   kubectl agentaccess check -f task.yaml          # the decision, nothing created
 
   # a task waiting for human approval (Pending, AwaitingApproval): decide on it
-  kubectl agentaccess approve deploy-2-4 -n agents --comment "checked with on-call"
-  kubectl agentaccess deny deploy-2-4 -n agents --comment "not during the freeze"
+  kubectl agentaccess approve deploy-2-4 -n agents        # shows it, and its UID
+  kubectl agentaccess approve deploy-2-4 -n agents --uid 3f1c0d6e --comment "checked"
+  kubectl agentaccess deny deploy-2-4 -n agents --uid 3f1c0d6e --comment "not in the freeze"
 
   # stop an agent at once (every live grant revoked, new tasks denied), and let it go on
   kubectl agentaccess suspend triage-bot -n agents
@@ -118,6 +119,11 @@ def parser() -> argparse.ArgumentParser:
     ):
         d = sub.add_parser(name, parents=[common], help=text)
         d.add_argument("name", help="the AgentTask")
+        d.add_argument(
+            "--uid",
+            help="the task's UID (or its first 8+ characters), as `status` shows it: the "
+            "decision is for exactly the task you read, never one that took its name since",
+        )
         d.add_argument("--comment", default="", help="why (shown to everyone, recorded)")
         d.add_argument("--stage", help="staged tasks: the stage decided on")
     for name, text in (
@@ -375,6 +381,23 @@ def decide(kube: Kube, task: dict[str, Any], args: argparse.Namespace) -> int:
     phase = st.get("phase") or "Pending"
     if phase != "Pending":
         print(f"agenttask/{meta['name']} is {phase}, not waiting for approval", file=sys.stderr)
+        return 1
+    uid = str(meta["uid"])
+    if not args.uid:
+        print(describe(task))
+        print(f"UID:          {uid}")
+        print(
+            f"\nto {args.command} exactly this task: kubectl agentaccess {args.command} "
+            f"{meta['name']} -n {meta['namespace']} --uid {uid[:8]}",
+            file=sys.stderr,
+        )
+        return 2
+    if len(args.uid) < 8 or not uid.startswith(args.uid):
+        print(
+            f"agenttask/{meta['name']} has UID {uid}, not {args.uid}: it is not the task you "
+            "read (deleted and created again?); nothing was decided",
+            file=sys.stderr,
+        )
         return 1
     spec: dict[str, Any] = {
         "taskName": meta["name"],

@@ -127,7 +127,7 @@ class Service(Issuance, Awaiting):
         self.cache.on_service_account = self._service_account_event
         self.cache.on_pod = self._pod_event
         #: Tasks waiting for approval (approvals.py); their AgentTaskApprovals are watched.
-        self.waiting = Waiting(self.pool)
+        self.waiting = Waiting()
         self.limits = Limits(self.registry)
         self.explainer = Explainer(kube)
         self.policy_status = PolicyStatus(kube, clock)
@@ -483,7 +483,7 @@ class Service(Issuance, Awaiting):
     ) -> None:
         ns, name = key
         if new is not None and new.suspended and not (old is not None and old.suspended):
-            self.waiting.wake_all()  # a waiting task of the agent is denied now
+            self.waiting.wake_agent(ns, name)  # a waiting task of the agent is denied now
             self.registry.bump()  # a grant being issued right now re-checks too
             if self.registry.has_agent(ns, name):
                 self.pool.submit(self.on_agent_suspended, ns, name, f"agent ServiceAccount "
@@ -505,7 +505,11 @@ class Service(Issuance, Awaiting):
         self.policy_status.observe(new if isinstance(new, Policy) else None)
         if old != new:
             self._reevaluate_later(key[0] or None)
-            self.waiting.wake_all()  # tasks waiting for approval are decided again
+            # tasks waiting for approval are decided again: those it may concern
+            if key[0]:
+                self.waiting.wake_namespace(key[0])
+            else:
+                self.waiting.wake_all()
 
     def _namespace_event(self, kind: str, key: Key, old: Any, new: Any) -> None:
         was = old is not None and old.get(SUSPENDED) == "true"
@@ -517,7 +521,7 @@ class Service(Issuance, Awaiting):
             )  # fmt: skip
         if old is not None and old != new:  # relabelled, being deleted, or gone
             self._reevaluate_later(key[1])
-            self.waiting.wake_all()
+            self.waiting.wake_namespace(key[1])
 
     def _reevaluate_later(self, namespace: str | None) -> None:
         """Re-evaluate the grants into `namespace` (all grants: None) soon. Changes that
@@ -547,6 +551,12 @@ class Service(Issuance, Awaiting):
         keys = {p.key for p in self.facts.policies(None) if p.conditions}
         if keys:
             self._reevaluate_soon([g for g in self.registry.all() if keys & set(g.policies)])
+
+    def _wake_when_listed(self) -> None:
+        while not self._stopped.is_set():
+            if self.cache.approvals.synced.wait(1.0):
+                self.waiting.wake_all()
+                return
 
     def _every_period(self) -> None:
         period = float(os.environ.get("AAO_CONDITIONS_PERIOD") or CONDITIONS_PERIOD)  # tests
@@ -747,6 +757,9 @@ class Service(Issuance, Awaiting):
 
         if not self.cache.start(sync_timeout):  # facts are read from the API meanwhile
             log.warning("watches not listed after %ss; reading facts directly", sync_timeout)
+            # approvals made before the approvals watch lists wake nobody: once it has,
+            # every waiting task looks again
+            threading.Thread(target=self._wake_when_listed, daemon=True).start()
         self.policy_status.observe_all(
             [*self.cache.policies.values(), *self.cache.cluster_policies.values()]
         )

@@ -150,18 +150,30 @@ def test_approve_deny_suspend_resume(world, operator):
         "spec": {"agent": "bot", "intent": "CHG-1: read pods",
                  "access": [{"namespace": target, "rules": rules}]},
     }  # fmt: skip
-    carol.create(AGENT_TASKS, agents, body)
+    carols = carol.create(AGENT_TASKS, agents, body)
     world.wait_phase(agents, "carols", "Pending")
+    uid = carols["metadata"]["uid"]
     # admin asks for one too: they may not approve their own
     mine = run(
         kc, "request", "mine", "-n", agents, "--agent", "bot", "--intent", "x",
         "--rule", f"{target}:{READ_PODS}", "--wait", "--timeout", "3",
     )  # fmt: skip
     assert mine.returncode == 1 and "AwaitingApproval" in mine.stdout, mine
-    self_approval = run(kc, "approve", "mine", "-n", agents)
+    mine_uid = world.get_task(agents, "mine")["metadata"]["uid"]
+    self_approval = run(kc, "approve", "mine", "-n", agents, "--uid", mine_uid)
     assert self_approval.returncode == 2, self_approval
     assert "self-approval is refused" in self_approval.stderr
-    approved = run(kc, "approve", "carols", "-n", agents, "--comment", "fine by me")
+    # without the UID: the task is shown, nothing is decided
+    shown_first = run(kc, "approve", "carols", "-n", agents)
+    assert shown_first.returncode == 2 and "CHG-1: read pods" in shown_first.stdout
+    assert f"--uid {uid[:8]}" in shown_first.stderr
+    # a UID that is not this task's (it was deleted and created again meanwhile)
+    wrong = run(kc, "approve", "carols", "-n", agents, "--uid", "00000000")
+    assert wrong.returncode == 1 and "not the task you read" in wrong.stderr
+    assert world.kube.list(AGENT_TASK_APPROVALS, agents) == []
+    approved = run(
+        kc, "approve", "carols", "-n", agents, "--uid", uid[:8], "--comment", "fine by me"
+    )
     assert approved.returncode == 0, approved.stderr
     assert "Approve on agenttask/carols by admin" in approved.stdout
     world.wait_phase(agents, "carols", "Active")
@@ -169,7 +181,7 @@ def test_approve_deny_suspend_resume(world, operator):
     assert 'Approval:     Approve by admin "fine by me" (counted)' in shown.stdout, shown.stdout
     made = world.kube.list(AGENT_TASK_APPROVALS, agents)
     assert [a["spec"]["approver"]["username"] for a in made] == ["admin"]
-    late = run(kc, "deny", "carols", "-n", agents)
+    late = run(kc, "deny", "carols", "-n", agents, "--uid", uid)
     assert late.returncode == 1 and "not waiting for approval" in late.stderr
 
     suspended = run(kc, "suspend", "bot", "-n", agents)

@@ -165,3 +165,15 @@ def test_notifications_for_approval_events():
     assert event_type(not_counted) is None
     deny = {"event": "approval", "approval": {"counted": True, "decision": "Deny"}}
     assert event_type(deny) is None  # the denial itself is sent as `denied`
+
+
+def test_status_lists_every_counted_decision_and_a_bounded_number_of_others():
+    from agent_access.approval import MAX_UNCOUNTED
+
+    spam = [vote(f"eve{i}", at=1 + i) for i in range(100)]
+    out = assess(TASK, [policy()], [vote("alice"), *spam, vote("bob", groups=("oncall",), at=200)],
+                 T0)  # fmt: skip
+    assert out.state == APPROVED
+    assert len(out.approvals) == 2 + MAX_UNCOUNTED
+    assert [a["approver"]["username"] for a in out.approvals if a["counted"]] == ["alice", "bob"]
+    assert len(out.every) == 102  # the audit trail keeps them all

@@ -77,6 +77,7 @@ def test_conditions_table(expression, labels, ttl, hour, ok):
     assert isinstance(got, Granted) == ok, got
     if not ok:
         assert isinstance(got, Denied) and got.reason == Reason.CONDITION_FAILED
+        assert got.message.endswith(": no") and expression[:20] in got.detail
 
 
 def test_another_policy_without_conditions_still_covers():
@@ -129,7 +130,22 @@ def test_evaluation_is_bounded():
                           "[1,2,3,4,5,6,7,8,9,10].all(c, [1,2,3,4,5,6,7,8,9,10].all(d, "
                           "[1,2,3,4,5,6,7,8,9,10].all(e, true)))))")  # fmt: skip
     why = holds([c], for_namespace({}, {}))
-    assert why is not None and "could not be evaluated" in why
+    assert why is not None and "could not be evaluated" in why.detail
+    assert "[1,2" not in why.message  # the expression is for the audit line only
+
+
+@pytest.mark.parametrize(
+    "amplifier",
+    [
+        "'a'.replace('a', 'aaaa').replace('a', 'aaaa') != ''",
+        "task.spec.intent.split('').join(task.spec.intent) != ''",
+        "regex.replace('a', 'a', 'aa') != ''",
+        "task.spec.intent.quote() != ''",
+    ],
+)
+def test_functions_that_multiply_a_strings_size_are_refused(amplifier):
+    with pytest.raises(ConditionError, match="may not be used"):
+        compile_condition(amplifier)
 
 
 def test_too_many_conditions():
