@@ -55,6 +55,7 @@ from agent_access.kube import (  # noqa: E402
     SERVICE_ACCOUNTS,
     Kube,
     KubeError,
+    Resource,
 )
 from agent_access.runtime import parse_time  # noqa: E402
 
@@ -77,6 +78,7 @@ TARGETS = [
     ("policy_revoke_10000_s", "<=", 5),
     ("restart_ready_10000_s", "<=", 30),
     ("churn_cpu_cores", "<=", 0.2),
+    ("stage_advance_previous_refused_p99_s", "<=", 0.05),
     # Against a synchronous broker's floor (issue: faster than the fastest peer).
     ("grant_sync_ratio_p50", "<=", 1.0),
     ("grant_sync_ratio_p99", "<=", 1.5),
@@ -568,6 +570,47 @@ class Bench:
             self.kube.delete(AGENT_TASKS, self.agents, name)
         return {"grants": n, "sampled": len(out), "403": summarize(out), "all_gone_s": gone[0]}
 
+    def bench_stages(self, n: int = 20) -> dict:
+        """A two-stage task (list pods, then list configmaps), n times: spec.stage moved
+        on -> the first stage's access refused (403), and -> the next stage usable (200)."""
+        config = [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list"]}]
+        self.world.policy(self.target, "staged", [(self.agents, "bot")], READ + config)
+        cm = Resource("/api/v1", "configmaps")
+
+        def lists_configmaps(client: Kube) -> int:
+            try:
+                client.request("GET", cm.path(self.target), query=[("resourceVersion", "0")],
+                               resource="configmaps")  # fmt: skip
+                return 200
+            except KubeError as exc:
+                return exc.status
+
+        refused, usable = [], []
+        for _ in range(n):
+            name = self.name("stg")
+            stages = [
+                {"name": "one", "access": [{"namespace": self.target, "rules": READ}]},
+                {"name": "two", "access": [{"namespace": self.target, "rules": config}]},
+            ]
+            self.kube.create(AGENT_TASKS, self.agents, {
+                "apiVersion": "agentaccess.io/v1alpha1", "kind": "AgentTask",
+                "metadata": {"name": name},
+                "spec": {"agent": "bot", "intent": "bench stages", "ttl": "10m",
+                         "stages": stages}})  # fmt: skip
+            task = self.wait_active(self.agents, name)
+            client = self.client(self.token_of(task))
+            wait_status(lambda c=client: probe(c, self.target), {200}, 10, POLL)
+            time.sleep(SETTLE)
+            start = time.monotonic()
+            self.kube.merge_patch(AGENT_TASKS, self.agents, name, {"spec": {"stage": "two"}})
+            done = wait_status(lambda c=client: probe(c, self.target), {403}, 10, POLL)
+            refused.append(done - start)
+            done = wait_status(lambda c=client: lists_configmaps(c), {200}, 10, POLL)
+            usable.append(done - start)
+            self.kube.delete(AGENT_TASKS, self.agents, name)
+        self.kube.delete(ACCESS_POLICIES, self.target, "staged")
+        return {"n": n, "previous_refused": summarize(refused), "next_usable": summarize(usable)}
+
     # -- scale ------------------------------------------------------------------------------
 
     def apiserver_requests(self) -> float:
@@ -949,6 +992,13 @@ def write_markdown(result: dict, path: Path) -> None:
         f"RoleBindings gone in {ms(result['suspend_100']['all_gone_s'])}) | "
         f"{ms(result['suspend_100']['403']['p50'])} | "
         f"{ms(result['suspend_100']['403']['p99'])} | |",
+        f"| staged task: spec.stage moved on -> previous stage refused "
+        f"({result['stage_advance']['n']} advances) | "
+        f"{ms(result['stage_advance']['previous_refused']['p50'])} | "
+        f"{ms(result['stage_advance']['previous_refused']['p99'])} | p99 <= 50 ms |",
+        f"| staged task: spec.stage moved on -> next stage usable | "
+        f"{ms(result['stage_advance']['next_usable']['p50'])} | "
+        f"{ms(result['stage_advance']['next_usable']['p99'])} | |",
         "",
         "## Revocation: trigger -> first refused request (403) and -> token no longer "
         "authenticates (401)",
@@ -1081,6 +1131,8 @@ def main() -> int:
         burst = [x for _ in range(1 if args.quick else 3) for x in bench.bench_burst_revoke(20)]
         print("bench: suspending an agent with 100 live grants", flush=True)
         suspend = bench.bench_suspend(100)
+        print("bench: staged tasks, advancing a stage", flush=True)
+        staged = bench.bench_stages(10 if args.quick else 40)
         churn = big = None
         if args.quick:
             print("bench: 200 grants at once", flush=True)
@@ -1119,6 +1171,7 @@ def main() -> int:
         "ttl_expiry_staggered_403": summarize(ttl_staggered),
         "burst_revoke_20_403": summarize(burst),
         "suspend_100": suspend,
+        "stage_advance": staged,
         "revoke_403": {t: summarize(v) for t, v in r403.items()},
         "revoke_401": {t: summarize(v) for t, v in r401.items()},
         "scale": scale,
@@ -1151,6 +1204,9 @@ def main() -> int:
         "burst_revoke_20_p99_s": result["burst_revoke_20_403"]["p99"],
         "suspend_100_403_p99_s": suspend["403"]["p99"],
         "suspend_100_all_bindings_gone_s": suspend["all_gone_s"],
+        "stage_advance_previous_refused_p99_s": staged["previous_refused"]["p99"],
+        "stage_advance_next_usable_p50_s": staged["next_usable"]["p50"],
+        "stage_advance_next_usable_p99_s": staged["next_usable"]["p99"],
         "revoke_401_p99_s": {t: result["revoke_401"][t]["p99"] for t in TRIGGERS},
         "api_requests_per_grant": scale["api_requests_per_grant"],
         "grants_per_s": scale["grants_per_s"],

@@ -191,7 +191,7 @@ AGE = {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}
 TASK_SPEC = {
     "type": "object",
     "description": "What the agent asks for: who, why, what, for how long.",
-    "required": ["agent", "intent", "access"],
+    "required": ["agent", "intent"],
     "properties": {
         "agent": {
             **NAME,
@@ -270,6 +270,28 @@ TASK_SPEC = {
         },
     },
     "x-kubernetes-validations": [
+        {
+            "rule": "has(self.access) != has(self.stages)",
+            "message": "give spec.access, or spec.stages for a staged task (exactly one)",
+        },
+        {
+            "rule": "!has(self.stage) || (has(self.stages) && "
+            "self.stages.exists(s, s.name == self.stage))",
+            "message": "spec.stage must name one of spec.stages",
+        },
+        {
+            # the index of the new stage >= the old one's (two-variable comprehensions)
+            "rule": "!has(self.stages) || !has(oldSelf.stage) || self.stages.exists(i, s, "
+            "s.name == (has(self.stage) ? self.stage : self.stages[0].name) && "
+            "self.stages.exists(j, t, t.name == oldSelf.stage && i >= j))",
+            "message": "spec.stage may only move forward (to a later stage)",
+        },
+        {
+            "rule": "has(self.stages) == has(oldSelf.stages) && (!has(self.stages) || "
+            "self.stages.map(s, s.name) == oldSelf.stages.map(s, s.name))",
+            "message": "spec.stages cannot be added, removed, renamed or reordered: create a "
+            "new AgentTask",
+        },
         {
             "rule": "!has(oldSelf.cancel) || !oldSelf.cancel || (has(self.cancel) && self.cancel)",
             "message": "spec.cancel cannot be set back to false: create a new AgentTask",
@@ -363,6 +385,53 @@ TASK_STATUS = {
             **IDENTITY,
             "description": "Who created the task, as the API server recorded it at admission "
             "(stamped by a MutatingAdmissionPolicy; clients cannot set it).",
+        },
+        "stage": {"type": "string", "description": "Staged tasks: the current stage."},
+        "taskExpiresAt": {
+            "type": "string",
+            "format": "date-time",
+            "description": "Staged tasks: when the whole task ends at the latest.",
+        },
+        "stages": {
+            "type": "array",
+            "description": "Staged tasks: each stage reached so far.",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "description": "The stage."},
+                    "phase": {
+                        "type": "string",
+                        "description": "Pending, Active, Completed, Skipped, or the phase the "
+                        "task ended in.",
+                    },
+                    "reason": {"type": "string", "description": "One CamelCase word."},
+                    "startedAt": {
+                        "type": "string",
+                        "format": "date-time",
+                        "description": "When the operator began deciding the stage.",
+                    },
+                    "grantedAt": {
+                        "type": "string",
+                        "format": "date-time",
+                        "description": "When its access was granted.",
+                    },
+                    "expiresAt": {
+                        "type": "string",
+                        "format": "date-time",
+                        "description": "When its access ends at the latest.",
+                    },
+                    "endedAt": {
+                        "type": "string",
+                        "format": "date-time",
+                        "description": "When it ended.",
+                    },
+                    "grants": {
+                        "type": "array",
+                        "description": "What the stage granted, per namespace.",
+                        "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+                    },
+                },
+            },
         },
         "approvals": {
             "type": "array",
@@ -461,6 +530,37 @@ TASK_STATUS = {
 }
 
 
+def _stages_schema() -> dict:
+    access = dict(TASK_SPEC["properties"]["access"])
+    access = {**access, "maxItems": 8, "description": "What this stage requests, one entry "
+              "per target namespace (as spec.access)."}  # fmt: skip
+    return {
+        "type": "array",
+        "minItems": 1,
+        "maxItems": 16,
+        "x-kubernetes-list-type": "map",
+        "x-kubernetes-list-map-keys": ["name"],
+        "description": "A staged task: its stages, in order, instead of spec.access. Only the "
+        "current stage's access is ever live; see docs/stages.md.",
+        "items": {
+            "type": "object",
+            "required": ["name", "access"],
+            "properties": {
+                "name": {**DNS_LABEL, "description": "The stage's name (unique in the task)."},
+                "ttl": {
+                    "type": "string",
+                    "pattern": DURATION,
+                    "maxLength": 32,
+                    "x-kubernetes-validations": [BOUNDED_DURATION],
+                    "description": "How long this stage may be live (default, and at most: the "
+                    "task's ttl, which caps the whole task).",
+                },
+                "access": access,
+            },
+        },
+    }
+
+
 def subject_ref(what: str) -> dict:
     return {
         "type": "object",
@@ -542,6 +642,14 @@ READY = {
     "name": "Ready",
     "type": "string",
     "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+}
+
+
+TASK_SPEC["properties"]["stages"] = _stages_schema()
+TASK_SPEC["properties"]["stage"] = {
+    **DNS_LABEL,
+    "description": "Staged tasks: the current stage (default: the first). May only move "
+    "forward; moving it removes the previous stage's access first.",
 }
 
 
@@ -768,6 +876,7 @@ def main() -> None:
                 {"name": "Reason", "type": "string", "jsonPath": ".status.reason"},
                 {"name": "Expires", "type": "string", "jsonPath": ".status.expiresAt"},
                 AGE,
+                {"name": "Stage", "type": "string", "jsonPath": ".status.stage", "priority": 1},
                 {"name": "Intent", "type": "string", "jsonPath": ".spec.intent", "priority": 1},
                 {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1},
             ],

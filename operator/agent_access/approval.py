@@ -99,7 +99,11 @@ class TaskRef:
     namespace: str
     agent: str
     requester: Requester | None
+    #: when the wait began: the task's creation, or for a later stage of a staged task,
+    #: when that stage began (the approval timeout counts from here)
     created: datetime
+    #: staged tasks: the stage waiting
+    stage: str | None = None
 
 
 #: status.approvals lists every counted decision and at most this many others (the
@@ -145,10 +149,14 @@ def _not_counted(vote: Vote, task: TaskRef, deadline: datetime, eligible: list[P
         return "no approver recorded (the admission policies are not installed)"
     if not vote.decision:
         return "decision is neither Approve nor Deny"
-    if vote.stage:
+    if vote.stage and task.stage is None:
         return f"for stage {vote.stage!r}, but the task has no stages"
+    if vote.stage and vote.stage != task.stage:
+        return f"for stage {vote.stage!r}, not the stage waiting ({task.stage})"
     if vote.created is None or vote.created > deadline:
         return "made after the approval timeout"
+    if task.stage is not None and not vote.stage and vote.created < task.created:
+        return "made before this stage was waiting (name the stage to decide on it ahead)"
     if task.requester is not None and who.username == task.requester.username:
         return "self-approval: the approver created the task"
     if who.username == f"{SA_PREFIX}{task.namespace}:{task.agent}":

@@ -42,7 +42,7 @@ from .facts import Facts
 from .informers import Key
 from .issuance import _requested
 from .model import Phase, Reason
-from .runtime import Deadlines
+from .runtime import Deadlines, Registry
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +181,7 @@ class Awaiting:
     clock: Callable[[], datetime]
     facts: Facts
     waiting: Waiting
+    registry: Registry
     _first_seen: dict[str, datetime]
 
     if TYPE_CHECKING:  # provided by the service (issuance.py); not shadowed here
@@ -195,11 +196,17 @@ class Awaiting:
                    extra: Mapping[str, Any] | None = None) -> None: ...  # fmt: skip
 
     def gate(
-        self, task: Mapping[str, Any], spec: TaskSpec, decision: Granted
+        self,
+        task: Mapping[str, Any],
+        spec: TaskSpec,
+        decision: Granted,
+        since: datetime | None = None,
+        end: Callable[[Phase, Reason, str, str, dict[str, Any]], None] | None = None,
     ) -> list[dict[str, Any]] | None:
         """The policies allow the task: may it be issued now? The decisions it rests on
         (status.approvals; empty when no policy requires approval), or None when it
-        must not be issued now (waiting, or ended here)."""
+        must not be issued now (waiting, or ended here). A later stage of a staged task
+        waits from `since`, and ends through `end` (its identity exists)."""
         policies = requiring(decision.policies)
         meta = task["metadata"]
         uid = meta["uid"]
@@ -212,7 +219,8 @@ class Awaiting:
             namespace=spec.namespace,
             agent=spec.agent,
             requester=spec.requester,
-            created=parse_time(meta.get("creationTimestamp")) or now,
+            created=since or parse_time(meta.get("creationTimestamp")) or now,
+            stage=spec.stage,
         )
         generation = self.waiting.generation
         outcome = assess(ref, policies, self.facts.votes(spec.namespace, uid), now)
@@ -224,21 +232,17 @@ class Awaiting:
             self.waiting.done(uid)
             self._first_seen[uid] = self.clock()  # grant latency counts from here
             return outcome.approvals
-        if outcome.state == DENIED:
-            self._close(
-                task, spec, Phase.DENIED, Reason.APPROVAL_DENIED, outcome.message, extra=extra
+        if outcome.state in (DENIED, TIMED_OUT):
+            self.waiting.done(uid)
+            phase, reason = (
+                (Phase.DENIED, Reason.APPROVAL_DENIED)
+                if outcome.state == DENIED
+                else (Phase.EXPIRED, Reason.APPROVAL_TIMEOUT)
             )
-            return None
-        if outcome.state == TIMED_OUT:
-            self._close(
-                task,
-                spec,
-                Phase.EXPIRED,
-                Reason.APPROVAL_TIMEOUT,
-                outcome.message,
-                outcome.detail,
-                extra=extra,
-            )
+            if end is not None:
+                end(phase, reason, outcome.message, outcome.detail, extra)
+            else:
+                self._close(task, spec, phase, reason, outcome.message, outcome.detail, extra)
             return None
         self._await(task, spec, decision, outcome)
         assert outcome.deadline is not None
@@ -263,10 +267,12 @@ class Awaiting:
             and current.get("message") == outcome.message
             and current.get("approvals") == outcome.approvals
             and current.get("policies") == decision.policy_keys
+            and current.get("stage") == spec.stage
         ):
             return
         now = self.clock()
         self._first_seen.pop(task["metadata"]["uid"], None)  # waiting is no grant latency
+        staged = self.registry.get(task["metadata"]["uid"])  # a staged task between stages
         if first:
             self.audit.write(
                 audit.record(
@@ -283,18 +289,19 @@ class Awaiting:
                     now=now,
                 )
             )
-        self._write_status(
+        status = st.pending(
             task,
-            st.pending(
-                task,
-                Reason.AWAITING_APPROVAL,
-                outcome.message,
-                now,
-                requester,
-                decision.policy_keys,
-                outcome.approvals,
-            ),
+            Reason.AWAITING_APPROVAL,
+            outcome.message,
+            now,
+            requester,
+            decision.policy_keys,
+            outcome.approvals,
         )
+        if staged is not None and staged.stage_index >= 0:
+            status["stage"] = staged.spec.stage
+            status["stages"] = [dict(e) for e in staged.stages]
+        self._write_status(task, status)
         if first:
             self._event(
                 task, "Normal", Reason.AWAITING_APPROVAL, outcome.message, "AwaitApproval", spec

@@ -39,6 +39,7 @@ def record(
     now: datetime | None = None,
     approval: Mapping[str, Any] | None = None,
     approvals: Sequence[Mapping[str, Any]] | None = None,
+    stage: str | None = None,
 ) -> dict[str, Any]:
     """Build one audit record; purely computational. `approval` (one decision, on
     `approval` lines) and `approvals` (those a grant or denial rests on) appear only
@@ -76,6 +77,7 @@ def record(
         }
         | ({"approval": dict(approval)} if approval is not None else {})
         | ({"approvals": [dict(a) for a in approvals]} if approvals is not None else {})
+        | ({"stage": stage} if stage is not None else {})
     )
 
 

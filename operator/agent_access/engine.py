@@ -38,6 +38,7 @@ from .model import (
     LABEL_PROTECTED,
     MAX_COVERAGE_CHECKS,
     MAX_REQUEST_ATOMS,
+    MAX_STAGES,
     Reason,
 )
 from .patterns import intent_matches, pattern_problem
@@ -112,10 +113,27 @@ class TaskSpec:
     requester: Requester | None = None
     #: decide, issue nothing (Completed/DryRun, or the real denial)
     dry_run: bool = False
+    #: Staged tasks: every stage's name, the current one's index (-1: not staged; its
+    #: access and ttl are `access` and `ttl`), and the whole task's ttl cap.
+    stages: tuple[str, ...] = ()
+    stage_index: int = -1
+    task_ttl: timedelta | None = None
     #: the task's name, uid and labels (what conditions may read of its metadata)
     name: str = field(default="", compare=False)
     uid: str = field(default="", compare=False)
     labels: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+
+    @property
+    def staged(self) -> bool:
+        return self.stage_index >= 0
+
+    @property
+    def stage(self) -> str | None:
+        return self.stages[self.stage_index] if self.staged else None
+
+    @property
+    def last_stage(self) -> bool:
+        return self.staged and self.stage_index == len(self.stages) - 1
 
     @property
     def target_namespaces(self) -> tuple[str, ...]:
@@ -168,45 +186,40 @@ def _parse_task_spec(
         raise SpecError(f"spec.ttl: {exc}") from None
     if ttl < timedelta(seconds=1):
         raise SpecError("spec.ttl must be at least 1s")
-    access_raw = spec.get("access") or []
-    if not access_raw:
-        raise SpecError("spec.access needs at least one entry")
-    entries: list[AccessEntry] = []
-    seen: set[str] = set()
-    if not isinstance(access_raw, list):
-        raise SpecError("spec.access must be a list")
-    for i, raw in enumerate(access_raw):
-        target = raw.get("namespace") or namespace
-        if not isinstance(target, str):
-            raise SpecError(f"spec.access[{i}].namespace must be a string")
-        if target in seen:
-            raise SpecError(
-                f"spec.access[{i}]: namespace {target!r} is listed twice; "
-                "put all its rules in one entry"
-            )
-        seen.add(target)
-        preset = raw.get("preset")
-        if preset is not None:
-            if not isinstance(preset, str) or not preset:
-                raise SpecError(f"spec.access[{i}].preset must be a preset's name")
-            if raw.get("rules"):
-                raise SpecError(f"spec.access[{i}] ({target}): give rules or a preset, not both")
-            entries.append(AccessEntry(namespace=sys.intern(target), rules=(), preset=preset))
-            continue
-        rules = parse_rules(raw.get("rules"))
-        if not rules:
-            raise SpecError(
-                f"spec.access[{i}] ({target}): rules needs at least one rule (or name a preset)"
-            )
-        for j, rule in enumerate(rules):
-            where = f"spec.access[{i}].rules[{j}]"
-            if not rule.api_groups:
-                raise SpecError(f'{where}: apiGroups is required ("" is the core group)')
-            if not rule.resources:
-                raise SpecError(f"{where}: resources is required")
-            if not rule.verbs:
-                raise SpecError(f"{where}: verbs is required")
-        entries.append(AccessEntry(namespace=sys.intern(target), rules=rules))
+    stages_raw = spec.get("stages")
+    stage_names: tuple[str, ...] = ()
+    stage_index = -1
+    task_ttl: timedelta | None = None
+    if stages_raw is not None:
+        if spec.get("access"):
+            raise SpecError("give spec.access or spec.stages, not both")
+        if not isinstance(stages_raw, list) or not 1 <= len(stages_raw) <= MAX_STAGES:
+            raise SpecError(f"spec.stages needs 1 to {MAX_STAGES} stages")
+        names = []
+        for i, stage in enumerate(stages_raw):
+            name = stage.get("name") if isinstance(stage, Mapping) else None
+            if not isinstance(name, str) or not name:
+                raise SpecError(f"spec.stages[{i}].name is required")
+            if name in names:
+                raise SpecError(f"spec.stages[{i}]: the name {name!r} is used twice")
+            names.append(name)
+        stage_names = tuple(sys.intern(n) for n in names)
+        current = spec.get("stage") or stage_names[0]
+        if current not in stage_names:
+            raise SpecError(f"spec.stage {current!r} is not one of spec.stages")
+        stage_index = stage_names.index(current)
+        chosen = stages_raw[stage_index]
+        task_ttl = ttl
+        if chosen.get("ttl"):
+            try:
+                ttl = min(parse_duration(chosen["ttl"]), task_ttl)
+            except DurationError as exc:
+                raise SpecError(f"spec.stages[{stage_index}].ttl: {exc}") from None
+        entries = _parse_access(
+            namespace, chosen.get("access"), f"spec.stages[{stage_index}].access"
+        )
+    else:
+        entries = _parse_access(namespace, spec.get("access"), "spec.access")
     dry_run = spec.get("dryRun", False)
     if not isinstance(dry_run, bool):
         raise SpecError("spec.dryRun must be true or false")
@@ -224,7 +237,52 @@ def _parse_task_spec(
         access=tuple(entries),
         requester=requester,
         dry_run=dry_run,
+        stages=stage_names,
+        stage_index=stage_index,
+        task_ttl=task_ttl,
     )
+
+
+def _parse_access(namespace: str, access_raw: Any, where: str) -> list[AccessEntry]:
+    if not access_raw:
+        raise SpecError(f"{where} needs at least one entry")
+    entries: list[AccessEntry] = []
+    seen: set[str] = set()
+    if not isinstance(access_raw, list):
+        raise SpecError(f"{where} must be a list")
+    for i, raw in enumerate(access_raw):
+        target = raw.get("namespace") or namespace
+        if not isinstance(target, str):
+            raise SpecError(f"{where}[{i}].namespace must be a string")
+        if target in seen:
+            raise SpecError(
+                f"{where}[{i}]: namespace {target!r} is listed twice; "
+                "put all its rules in one entry"
+            )
+        seen.add(target)
+        preset = raw.get("preset")
+        if preset is not None:
+            if not isinstance(preset, str) or not preset:
+                raise SpecError(f"{where}[{i}].preset must be a preset's name")
+            if raw.get("rules"):
+                raise SpecError(f"{where}[{i}] ({target}): give rules or a preset, not both")
+            entries.append(AccessEntry(namespace=sys.intern(target), rules=(), preset=preset))
+            continue
+        rules = parse_rules(raw.get("rules"))
+        if not rules:
+            raise SpecError(
+                f"{where}[{i}] ({target}): rules needs at least one rule (or name a preset)"
+            )
+        for j, rule in enumerate(rules):
+            at = f"{where}[{i}].rules[{j}]"
+            if not rule.api_groups:
+                raise SpecError(f'{at}: apiGroups is required ("" is the core group)')
+            if not rule.resources:
+                raise SpecError(f"{at}: resources is required")
+            if not rule.verbs:
+                raise SpecError(f"{at}: verbs is required")
+        entries.append(AccessEntry(namespace=sys.intern(target), rules=rules))
+    return entries
 
 
 def parse_task(task: Mapping[str, Any]) -> TaskSpec:

@@ -30,11 +30,15 @@ from .model import (
     ANNOTATION_POD_UID,
     ANNOTATION_POLICIES,
     ANNOTATION_PRESET_RULES,
+    ANNOTATION_STAGE,
+    ANNOTATION_TASK_EXPIRES_AT,
     API_VERSION,
     Phase,
     Reason,
 )
+from .objects import stage_name
 from .owned import Owned
+from .stages import first_stages
 
 if TYPE_CHECKING:
     from .approvals import Waiting
@@ -129,7 +133,12 @@ class Issuance:
     if TYPE_CHECKING:  # approvals.Awaiting
 
         def gate(
-            self, task: Mapping[str, Any], spec: TaskSpec, decision: Granted
+            self,
+            task: Mapping[str, Any],
+            spec: TaskSpec,
+            decision: Granted,
+            since: datetime | None = None,
+            end: Callable[[Phase, Reason, str, str, dict[str, Any]], None] | None = None,
         ) -> list[dict[str, Any]] | None: ...
 
     def delete_objects(self, grant: LiveGrant) -> datetime:
@@ -334,7 +343,12 @@ class Issuance:
         self._event(task, kind, reason, message, action, spec)
 
     def _create_objects(
-        self, task: Mapping[str, Any], plan: LiveGrant, decision: Granted, pod: PodFacts | None
+        self,
+        task: Mapping[str, Any],
+        plan: LiveGrant,
+        decision: Granted,
+        pod: PodFacts | None,
+        with_identity: bool = True,
     ) -> dict[ObjectRef, str]:
         """Create every object of the grant; raise KubeError on the first failure.
 
@@ -359,11 +373,15 @@ class Issuance:
             return obj
 
         owners = objects.owners_in_task_namespace(task, (pod.name, pod.uid) if pod else None)
+        assert plan.expires_at is not None
         record = {
-            ANNOTATION_EXPIRES_AT: st.rfc3339(decision.expires_at),
+            ANNOTATION_EXPIRES_AT: st.rfc3339(plan.expires_at),
             ANNOTATION_GRANTED_AT: st.rfc3339(decision.granted_at),
             ANNOTATION_POLICIES: ",".join(decision.policy_keys),
         }
+        if plan.task_expires_at is not None:  # a staged task: its whole deadline, its stage
+            record[ANNOTATION_TASK_EXPIRES_AT] = st.rfc3339(plan.task_expires_at)
+            record[ANNOTATION_STAGE] = plan.spec.stage or ""
         if pod:
             record[ANNOTATION_POD_UID] = pod.uid
         presets = {g.namespace: [r.to_dict() for r in g.rules] for g in decision.grants if g.preset}
@@ -379,10 +397,11 @@ class Issuance:
             # The token is made first and stored with the Secret in one write. It is
             # not bound to the Secret: it dies with the ServiceAccount, which every
             # revocation (and the garbage collector, when a pod owns it) deletes.
+            lifetime = plan.spec.task_ttl or decision.ttl  # a staged task's token: all stages
             token, _ = self.kube.request_token(
                 ns,
                 plan.service_account,
-                objects.token_seconds(int(decision.ttl.total_seconds())),
+                objects.token_seconds(int(lifetime.total_seconds())),
                 plan.spec.audiences,
                 None,
             )
@@ -412,7 +431,7 @@ class Issuance:
             make(ROLE, objects.token_reader_role(task, plan.reader, plan.secret))
             make(ROLE_BINDING, objects.token_reader_binding(task, plan.reader, plan.spec.agent))
 
-        chains: list[Callable[[], None]] = [identity, reader]
+        chains: list[Callable[[], None]] = [identity, reader] if with_identity else []
         chains += [functools.partial(access, g) for g in plan.grants]
         # The longest chain runs on this thread: one hand-off less per grant.
         futures = [self.io.submit(chain) for chain in chains[1:]]
@@ -427,7 +446,14 @@ class Issuance:
             except BaseException as exc:
                 failure = failure or exc
         if failure is not None:
-            self.delete_objects(replace(plan, object_uids=created))
+            if with_identity:
+                self.delete_objects(replace(plan, object_uids=created))
+            else:  # a later stage: only what this call made, bindings first
+                made = replace(plan, object_uids=created)
+                self.owned.delete_grant_part(made, made.bindings())
+                self.owned.delete_grant_part(
+                    made, [(ROLE, g.namespace, g.role) for g in made.grants]
+                )
             raise failure
         return created
 
@@ -441,17 +467,22 @@ class Issuance:
         approvals: list[dict[str, Any]] | None = None,
     ) -> None:
         plan = planned_grant(task, spec)
+        role = stage_name(plan.service_account, spec.stage_index)
+        expires_at, task_expires = decision.expires_at, None
+        if spec.staged and spec.task_ttl is not None:  # the whole task's clock starts now
+            task_expires = decision.granted_at + spec.task_ttl
+            expires_at = min(expires_at, task_expires)
         plan = replace(
             plan,
-            grants=tuple(
-                NamespaceGrant(g.namespace, plan.service_account, plan.service_account, g.rules)
-                for g in decision.grants
-            ),
+            grants=tuple(NamespaceGrant(g.namespace, role, role, g.rules) for g in decision.grants),
             policies=tuple(decision.policy_keys),
-            expires_at=decision.expires_at,
+            expires_at=expires_at,
             granted_at=decision.granted_at,
             pod_uid=world.pod.uid if world.pod else None,
+            task_expires_at=task_expires,
         )
+        if spec.staged:
+            plan = replace(plan, stages=first_stages(spec, plan))
         try:
             plan = replace(plan, object_uids=self._create_objects(task, plan, decision, world.pod))
         except KubeError as exc:
@@ -469,7 +500,7 @@ class Issuance:
         lock = self.registry.lock(uid)
         with lock:
             self.registry.add(plan)
-            self.schedule_expiry(uid, decision.expires_at)
+            self.schedule_expiry(uid, expires_at)
         now = self.clock()
         new_status = self._active_status(task, plan)
         # The audit line goes first (write-ahead): a token exists now. A crash from here
@@ -487,9 +518,10 @@ class Issuance:
                 policies=_policy_refs(decision),
                 objects=self._object_list(plan),
                 granted_at=st.rfc3339(decision.granted_at),
-                expires_at=st.rfc3339(decision.expires_at),
+                expires_at=st.rfc3339(expires_at),
                 now=now,
                 approvals=approvals or None,
+                stage=spec.stage,
             )
         )
         if approvals:
@@ -541,6 +573,11 @@ class Issuance:
         )
         if grant.pod_uid:
             new_status["podUID"] = grant.pod_uid
+        if grant.stage_index >= 0:
+            new_status["stage"] = grant.spec.stage
+            new_status["stages"] = [dict(e) for e in grant.stages]
+            if grant.task_expires_at:
+                new_status["taskExpiresAt"] = st.rfc3339(grant.task_expires_at)
         return new_status
 
     @staticmethod

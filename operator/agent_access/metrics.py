@@ -119,6 +119,10 @@ class Metrics:
         self.revocations.labels(reason=str(reason)).inc()
         self.revoke_latency.labels(trigger=str(reason)).observe(max(0.0, seconds))
 
+    def stage_left(self, seconds: float) -> None:
+        """A staged task moved on: its previous stage's bindings gone (403)."""
+        self.revoke_latency.labels(trigger="StageAdvanced").observe(max(0.0, seconds))
+
     def timed(self, handler: str) -> _Timed:
         return _Timed(self.handler_seconds.labels(handler=handler))
 

@@ -39,6 +39,9 @@ ANNOTATION_POLICIES = f"{GROUP}/policies"
 #: The rules each preset entry was granted (JSON {namespace: rules}): a restart re-checks
 #: what was granted, not what the preset says now.
 ANNOTATION_PRESET_RULES = f"{GROUP}/preset-rules"
+#: Staged tasks: the whole task's deadline (first grant + spec.ttl) and the stage live.
+ANNOTATION_TASK_EXPIRES_AT = f"{GROUP}/task-expires-at"
+ANNOTATION_STAGE = f"{GROUP}/stage"
 #: Stamped on each AgentTask at admission (MutatingAdmissionPolicy) from the API server's
 #: own record of who created it; clients cannot set or change them.
 ANNOTATION_REQUESTER_USERNAME = f"{GROUP}/requester-username"
@@ -57,6 +60,8 @@ MAX_COVERAGE_CHECKS = 1_000_000
 #: A task's evaluation cost is bounded: requests expanding to more (apiGroup, resource,
 #: verb, name) combinations than this are Denied InvalidSpec.
 MAX_REQUEST_ATOMS = 20_000
+#: A staged task has 1 to this many stages.
+MAX_STAGES = 16
 
 
 class Phase(StrEnum):
@@ -100,6 +105,7 @@ class Reason(StrEnum):
     POD_FAILED = "PodFailed"
     CANCELLED = "Cancelled"
     DRY_RUN = "DryRun"
+    STAGES_DONE = "StagesDone"
     # Revoked
     POD_DELETED = "PodDeleted"
     POLICY_CHANGED = "PolicyChanged"
@@ -118,6 +124,7 @@ END_PHASE: dict[Reason, Phase] = {
     Reason.POD_FAILED: Phase.COMPLETED,
     Reason.CANCELLED: Phase.CANCELLED,
     Reason.DRY_RUN: Phase.COMPLETED,
+    Reason.STAGES_DONE: Phase.COMPLETED,
     Reason.POLICY_CHANGED: Phase.REVOKED,
     Reason.POLICY_DELETED: Phase.REVOKED,
     Reason.POD_DELETED: Phase.REVOKED,

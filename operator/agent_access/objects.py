@@ -19,6 +19,7 @@ from .model import (
     LABEL_TASK_NAMESPACE,
     LABEL_TASK_UID,
     MANAGED_BY,
+    MAX_STAGES,
     MIN_TOKEN_SECONDS,
     SECRET_TYPE,
 )
@@ -43,10 +44,17 @@ def reader_name(base: str) -> str:
     return f"{base}-token-reader"
 
 
+def stage_name(base: str, index: int) -> str:
+    """Role/RoleBinding of a staged task's stage `index` (0-based): <base>-s<index+1>;
+    the task's own name for a task without stages."""
+    return base if index < 0 else f"{base}-s{index + 1}"
+
+
 def names_of(task_name: str, task_uid: str) -> frozenset[str]:
     """Every object name a task's grant can use: anything else is not the task's."""
     base = base_name(task_name, task_uid)
-    return frozenset({base, f"{base}-token", reader_name(base)})
+    stages = {stage_name(base, i) for i in range(MAX_STAGES)}
+    return frozenset({base, f"{base}-token", reader_name(base), *stages})
 
 
 def is_ours(obj: Mapping[str, Any], task_uid: str) -> bool:

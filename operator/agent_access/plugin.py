@@ -5,8 +5,8 @@ on PATH as the plugin `kubectl agentaccess`.
 
 Exit codes (for scripts): 0 done (for `request --wait`: the task is Active); 1 the
 outcome is not what was asked (Denied, Failed, Expired..., not found, timed out);
-2 usage error or the cluster refused the request (e.g. self-approval); 3 the
-command's feature is not in this version of the operator (`advance`).
+2 usage error or the cluster refused the request (e.g. self-approval, a stage moved
+back); 3 the command's feature is not in this version of the operator (none now).
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ from .kube import AGENT_TASK_APPROVALS, AGENT_TASKS, SERVICE_ACCOUNTS, ConfigErr
 
 TERMINAL = {"Denied", "Expired", "Revoked", "Completed", "Cancelled", "Failed"}
 #: subcommands of the contract whose feature is not in this version yet, and which
-LATER = {
-    "advance": "staged tasks",
-}
+LATER: dict[str, str] = {}
 SUSPENDED = "agentaccess.io/suspended"
 
 EXAMPLES = """examples:
@@ -49,13 +47,16 @@ EXAMPLES = """examples:
   kubectl agentaccess approve deploy-2-4 -n agents --uid 3f1c0d6e --comment "checked"
   kubectl agentaccess deny deploy-2-4 -n agents --uid 3f1c0d6e --comment "not in the freeze"
 
+  # a staged task: move to its next stage (the previous stage's access goes first)
+  kubectl agentaccess advance release-2-4 deploy -n agents --wait
+
   # stop an agent at once (every live grant revoked, new tasks denied), and let it go on
   kubectl agentaccess suspend triage-bot -n agents
   kubectl agentaccess resume triage-bot -n agents
 
 exit codes: 0 done (request --wait: Active), 1 not the outcome asked for (Denied,
 not found, timed out, not waiting for approval, ...), 2 usage or API error (e.g.
-self-approval refused), 3 not in this operator version (advance)
+self-approval refused), 3 not in this operator version
 """
 
 
@@ -126,6 +127,11 @@ def parser() -> argparse.ArgumentParser:
         )
         d.add_argument("--comment", default="", help="why (shown to everyone, recorded)")
         d.add_argument("--stage", help="staged tasks: the stage decided on")
+    adv = sub.add_parser("advance", parents=[common], help="move a staged task to a later stage")
+    adv.add_argument("name", help="the AgentTask")
+    adv.add_argument("stage", help="the stage to move to (later than the current one)")
+    adv.add_argument("--wait", action="store_true", help="wait until the stage is decided")
+    adv.add_argument("--timeout", type=float, default=60, help="seconds --wait waits (60)")
     for name, text in (
         ("suspend", "suspend an agent: its live grants end now, new tasks are denied"),
         ("resume", "lift an agent's suspension"),
@@ -230,6 +236,10 @@ def describe(t: dict[str, Any]) -> str:
         f"Reason:       {st.get('reason') or ''}",
         f"Message:      {st.get('message') or ''}",
     ]
+    if st.get("stage"):
+        lines.append(f"Stage:        {st['stage']}")
+    for e in st.get("stages") or ():
+        lines.append(f"  stage {e.get('name')}: {e.get('phase')} {e.get('reason') or ''}".rstrip())
     for a in st.get("approvals") or ():
         who = (a.get("approver") or {}).get("username") or "<unknown>"
         counted = "counted" if a.get("counted") else f"not counted: {a.get('reason')}"
@@ -364,6 +374,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.command in ("approve", "deny"):
         return decide(kube, t, args)
+    if args.command == "advance":
+        return advance(kube, t, args)
     # cancel
     phase = (t.get("status") or {}).get("phase")
     if phase in TERMINAL:
@@ -372,6 +384,40 @@ def run(args: argparse.Namespace) -> int:
     kube.merge_patch(AGENT_TASKS, ns, args.name, {"spec": {"cancel": True}})
     print(f"agenttask/{args.name} cancelled")
     return 0
+
+
+def advance(kube: Kube, task: dict[str, Any], args: argparse.Namespace) -> int:
+    """spec.stage forward (the API server refuses moving back); --wait: until the new
+    stage is live, or the task ended."""
+    meta, spec, st = task["metadata"], task.get("spec") or {}, task.get("status") or {}
+    names = [s.get("name") for s in spec.get("stages") or ()]
+    if not names:
+        print(f"agenttask/{meta['name']} has no stages", file=sys.stderr)
+        return 1
+    if args.stage not in names:
+        print(f"agenttask/{meta['name']} has no stage {args.stage!r} ({', '.join(names)})",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    if (st.get("phase") or "Pending") in TERMINAL:
+        print(f"agenttask/{meta['name']} already ended: {st.get('phase')}", file=sys.stderr)
+        return 1
+    kube.merge_patch(AGENT_TASKS, meta["namespace"], meta["name"], {"spec": {"stage": args.stage}})
+    print(f"agenttask/{meta['name']} moving to stage {args.stage}")
+    if not args.wait:
+        return 0
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        t = kube.get(AGENT_TASKS, meta["namespace"], meta["name"])
+        status = (t or {}).get("status") or {}
+        if t is None or status.get("phase") in TERMINAL:
+            print(f"agenttask/{meta['name']} ended: {status.get('phase')}: {status.get('message')}")
+            return 1
+        if status.get("stage") == args.stage and status.get("phase") == "Active":
+            print(f"stage {args.stage} Active: {status.get('message')}")
+            return 0
+        time.sleep(0.1)
+    print(f"stage {args.stage} not live after {args.timeout:g} s", file=sys.stderr)
+    return 1
 
 
 def decide(kube: Kube, task: dict[str, Any], args: argparse.Namespace) -> int:

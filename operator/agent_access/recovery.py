@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from . import stages
 from .engine import SpecError, TaskSpec, parse_task
 from .kube import AGENT_TASKS, KubeError
 from .model import (
@@ -26,6 +27,8 @@ from .model import (
     ANNOTATION_POD_UID,
     ANNOTATION_POLICIES,
     ANNOTATION_PRESET_RULES,
+    ANNOTATION_STAGE,
+    ANNOTATION_TASK_EXPIRES_AT,
     LABEL_MANAGED_BY,
     LABEL_TASK_NAME,
     LABEL_TASK_NAMESPACE,
@@ -90,10 +93,17 @@ def _compact(obj: Mapping[str, Any], annotations: bool = False) -> dict[str, Any
     return {"metadata": {k: meta[k] for k in keep if k in meta}}
 
 
+def _holds_identity(status: Mapping[str, Any]) -> bool:
+    """Active, or a staged task between stages (its identity lives on)."""
+    return status.get("phase") == Phase.ACTIVE.value or (
+        status.get("phase") == Phase.PENDING.value and bool(status.get("stages"))
+    )
+
+
 def _compact_task(task: Mapping[str, Any]) -> dict[str, Any] | None:
-    """An Active task as recovery and adoption read it; None for any other."""
+    """A task holding an identity, as recovery and adoption read it; None for any other."""
     status = task.get("status") or {}
-    if status.get("phase") != Phase.ACTIVE.value:
+    if not _holds_identity(status):
         return None
     return {
         "apiVersion": task.get("apiVersion"),
@@ -101,7 +111,9 @@ def _compact_task(task: Mapping[str, Any]) -> dict[str, Any] | None:
         "metadata": task.get("metadata") or {},
         "spec": task.get("spec") or {},
         "status": {
-            k: status[k] for k in ("phase", "expiresAt", "grantedAt", "policies") if k in status
+            k: status[k]
+            for k in ("phase", "expiresAt", "grantedAt", "policies", "stage", "stages")
+            if k in status
         },
     }
 
@@ -146,6 +158,8 @@ def _adopt(service: Service, task: Mapping[str, Any], found: Found) -> LiveGrant
         if t is not None
     ]
     policies = record.get(ANNOTATION_POLICIES)
+    if spec.staged:
+        return _adopt_staged(service, task, spec, plan, found, record, deadlines)
     wanted = set(plan.objects())
     return replace(
         plan,
@@ -156,6 +170,50 @@ def _adopt(service: Service, task: Mapping[str, Any], found: Found) -> LiveGrant
         policies=tuple(p for p in (policies or "").split(",") if p)
         or tuple(p for p in status.get("policies") or () if isinstance(p, str)),
         object_uids={ref: obj["metadata"]["uid"] for ref, obj in found.items() if ref in wanted},
+    )
+
+
+def _adopt_staged(
+    service: Service,
+    task: Mapping[str, Any],
+    spec: TaskSpec,
+    plan: LiveGrant,
+    found: Found,
+    record: Mapping[str, Any],
+    deadlines: list[Any],
+) -> LiveGrant:
+    """A staged task's identity, and its current stage if that stage is complete. Stage
+    objects that are not the current stage's (a crash while moving on), and an
+    incomplete current stage, are deleted now: no access of any stage is left until
+    the current one is decided again (the task watch does that next)."""
+    status = task.get("status") or {}
+    identity = set(plan.identity()) | {(ROLE, plan.namespace, plan.reader)}
+    stage = set(plan.bindings()) | {(ROLE, g.namespace, g.role) for g in plan.grants}
+    live = stage <= set(found) and record.get(ANNOTATION_STAGE) == spec.stage
+    stale = [ref for ref in found if ref not in identity and (ref not in stage or not live)]
+    for ref in sorted(stale, key=lambda r: r[0] != ROLE_BINDING):  # bindings first
+        try:
+            service.owned.delete(ref, plan.uid, found[ref]["metadata"]["uid"])
+        except KubeError as exc:
+            log.warning("could not remove %s of %s: %s", ref, plan.ref, exc)
+    task_expires = parse_time(record.get(ANNOTATION_TASK_EXPIRES_AT))
+    if task_expires is None:
+        task_expires = min(deadlines) if deadlines else service.clock()
+    expires = min([*deadlines, task_expires]) if live else task_expires
+    kept = identity | (stage if live else set())
+    policies = record.get(ANNOTATION_POLICIES) or ""
+    return replace(
+        plan,
+        grants=plan.grants if live else (),
+        expires_at=expires,
+        task_expires_at=task_expires,
+        granted_at=parse_time(record.get(ANNOTATION_GRANTED_AT))
+        or parse_time(status.get("grantedAt")),
+        pod_uid=record.get(ANNOTATION_POD_UID) or None,
+        policies=tuple(p for p in policies.split(",") if p) if live else (),
+        object_uids={ref: obj["metadata"]["uid"] for ref, obj in found.items() if ref in kept},
+        stage_live=live,
+        stages=stages.sanitize(status.get("stages")),
     )
 
 
@@ -172,7 +230,7 @@ def recover(service: Service) -> None:
     for task in tasks:
         meta = task.get("metadata") or {}
         uid = meta.get("uid", "")
-        if (task.get("status") or {}).get("phase") != Phase.ACTIVE.value:
+        if not _holds_identity(task.get("status") or {}):
             continue
         try:
             grant = _adopt(service, task, found.get(uid, {}))
@@ -182,7 +240,7 @@ def recover(service: Service) -> None:
         adopted.add(uid)
         service.registry.add(grant)
         assert grant.expires_at is not None
-        if grant.expires_at <= now:
+        if grant.expires_at <= now and grant.stage_index < 0:
             service.revoke(
                 grant,
                 Reason.TTL_EXPIRED,

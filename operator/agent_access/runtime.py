@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .engine import TaskSpec
-from .objects import base_name, reader_name, secret_name
+from .objects import base_name, reader_name, secret_name, stage_name
 from .rules import Rule
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,13 @@ class LiveGrant:
     #: UID of each object as created (or found and verified): deletions carry it as a
     #: precondition, so a different object that took the name is never deleted.
     object_uids: Mapping[ObjectRef, str] = field(default_factory=dict)
+    #: Staged tasks: the stage this grant is at (-1: not staged) and whether its access
+    #: is issued (False between stages, and while a stage waits for approval), the whole
+    #: task's deadline, and status.stages[] so far.
+    stage_index: int = -1
+    stage_live: bool = True
+    task_expires_at: datetime | None = None
+    stages: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def ref(self) -> str:
@@ -114,6 +121,7 @@ def planned_grant(task: Mapping[str, Any], spec: TaskSpec) -> LiveGrant:
     """The objects a task has or would have, from its spec and UID alone."""
     meta = task["metadata"]
     name = base_name(meta["name"], meta["uid"])
+    role = stage_name(name, spec.stage_index)
     return LiveGrant(
         namespace=meta["namespace"],
         name=meta["name"],
@@ -121,10 +129,11 @@ def planned_grant(task: Mapping[str, Any], spec: TaskSpec) -> LiveGrant:
         spec=spec,
         service_account=name,
         secret=secret_name(meta["name"], meta["uid"]),
-        grants=tuple(NamespaceGrant(e.namespace, name, name, e.rules) for e in spec.access),
+        grants=tuple(NamespaceGrant(e.namespace, role, role, e.rules) for e in spec.access),
         policies=(),
         expires_at=None,
         created_at=parse_time(meta.get("creationTimestamp")),
+        stage_index=spec.stage_index,
     )
 
 

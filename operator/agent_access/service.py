@@ -23,9 +23,9 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from . import audit
+from . import audit, stages
 from . import status as st
-from .approvals import Awaiting, Waiting
+from .approvals import Waiting
 from .engine import (
     Denied,
     PodFacts,
@@ -41,7 +41,7 @@ from .explain import Explainer
 from .facts import SUSPENDED, AgentFacts, Cache, Facts
 from .faults import checkpoint
 from .informers import Key
-from .issuance import Issuance, _requested, _requester, _stub
+from .issuance import _requested, _requester, _stub
 from .kube import AGENT_TASKS, SERVICE_ACCOUNTS, Kube, KubeError, NotFound
 from .limits import Limits
 from .metrics import Metrics
@@ -59,6 +59,7 @@ from .runtime import (
     Registry,
     planned_grant,
 )
+from .staging import Staging, stage_moved
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def pod_end_reason(pod: PodFacts | None, expected_uid: str | None) -> Reason | N
     return None
 
 
-class Service(Issuance, Awaiting):
+class Service(Staging):
     def __init__(
         self,
         kube: Kube,
@@ -135,7 +136,7 @@ class Service(Issuance, Awaiting):
         self.facts = Facts(kube, self.io, self.cache)
         self.owned = Owned(kube)
         self.deadlines = Deadlines(self._fire)
-        self._retry: dict[str, tuple[Reason, str]] = {}
+        self._retry: dict[str, tuple[Any, ...]] = {}
         #: When the operator first received each not-yet-decided task (grant latency).
         self._first_seen: dict[str, datetime] = {}
         #: Tasks decided for good in this process: no status write can revive them.
@@ -228,8 +229,13 @@ class Service(Issuance, Awaiting):
         uid = meta["uid"]
         if meta.get("deletionTimestamp"):
             return False  # the delete handler revokes
-        if self.registry.get(uid) is not None:
-            return (task.get("spec") or {}).get("cancel") is True or uid in self.unverified
+        grant = self.registry.get(uid)
+        if grant is not None:
+            return (
+                (task.get("spec") or {}).get("cancel") is True
+                or uid in self.unverified
+                or stage_moved(task, grant)
+            )
         return uid not in self.ended
 
     def reconcile(self, task: Mapping[str, Any]) -> None:
@@ -245,9 +251,16 @@ class Service(Issuance, Awaiting):
         grant = self.registry.get(uid)
         if grant is not None:
             if (task.get("spec") or {}).get("cancel") is True:
-                self.revoke(
-                    grant, Reason.CANCELLED, "cancelled by spec.cancel", meta.get("generation")
-                )
+                if grant.stage_index >= 0 and grant.spec.last_stage and grant.stage_live:
+                    message = f"the last stage ({grant.spec.stage}) was left by spec.cancel"
+                    self.revoke(grant, Reason.STAGES_DONE, message, meta.get("generation"))
+                else:
+                    self.revoke(
+                        grant, Reason.CANCELLED, "cancelled by spec.cancel", meta.get("generation")
+                    )
+            elif stage_moved(task, grant):
+                self.unverified.discard(uid)  # a fresh decision: more than a re-check
+                self.stage_work(task, grant)
             elif uid in self.unverified:
                 self.unverified.discard(uid)
                 self._recheck_soon(uid)  # retried by the timer if the API fails
@@ -322,6 +335,14 @@ class Service(Issuance, Awaiting):
         return condition_context(spec, policies, agent, pod, now)
 
     @staticmethod
+    def _ttl_message(grant: LiveGrant) -> str:
+        if grant.stage_index < 0:
+            return "the TTL ran out"
+        if grant.task_expires_at and grant.expires_at and grant.task_expires_at <= grant.expires_at:
+            return f"the task's TTL ran out (in stage {grant.spec.stage})"
+        return f"the TTL of stage {grant.spec.stage} ran out"
+
+    @staticmethod
     def _pod_message(pod: str, reason: Reason) -> str:
         return {
             Reason.POD_DELETED: f"pod {pod} was deleted",
@@ -373,9 +394,13 @@ class Service(Issuance, Awaiting):
         write_status: bool = True,
         triggered_at: datetime | None = None,
         detail: str = "",
+        phase: Phase | None = None,
     ) -> bool:
-        """End a live grant once, whatever raced to end it. True if this call ended it."""
+        """End a live grant once, whatever raced to end it. True if this call ended it.
+        `phase`: when not the one the reason implies (a staged task whose next stage is
+        denied ends Denied, with the stage's reason)."""
         triggered_at = triggered_at or self.clock()
+        phase = phase or st.END_PHASE[reason]
         with self.registry.lock(grant.uid):
             if self.registry.get(grant.uid) is None:
                 return False
@@ -383,7 +408,7 @@ class Service(Issuance, Awaiting):
                 bindings_gone = self.delete_objects(grant)
             except KubeError as exc:
                 log.error("revoking %s failed, retrying: %s", grant.ref, exc)  # every 0.5 s
-                self._retry[grant.uid] = (reason, message)
+                self._retry[grant.uid] = (reason, message, None, True, None, detail, phase)
                 self.deadlines.schedule(grant.uid, self.clock() + RETRY_DELAY)
                 return False
             self.ended.add(grant.uid)
@@ -395,12 +420,13 @@ class Service(Issuance, Awaiting):
         now = self.clock()
         self.metrics.revoked(reason, (bindings_gone - triggered_at).total_seconds())
         stub = _stub(grant, generation)
+        event = "expired" if reason == Reason.TTL_EXPIRED else "revoked"
         self.audit.write(
             audit.record(
-                "expired" if reason == Reason.TTL_EXPIRED else "revoked",
+                "denied" if phase == Phase.DENIED else event,
                 stub,
                 reason=reason,
-                phase=st.END_PHASE[reason],
+                phase=phase,
                 message=message,
                 detail=detail or None,
                 requested=_requested(grant.spec),
@@ -413,10 +439,17 @@ class Service(Issuance, Awaiting):
                 ended_at=st.rfc3339(now),
                 trigger=reason,
                 now=now,
+                stage=grant.spec.stage,
             )
         )
         if write_status:
-            self._record_end(stub, st.ended(stub, reason, message, now))
+            status = st.ended_as(stub, phase, reason, message, now)
+            if grant.stage_index >= 0:
+                status["stage"] = grant.spec.stage
+                status["stages"] = [
+                    dict(e) for e in stages.end(grant.stages, grant.spec.stage, phase, reason, now)
+                ]
+            self._record_end(stub, status)
             checkpoint("revoke:status")
         self._event(stub, "Normal", reason, message, "Revoke", grant.spec)
         self.registry.forget_lock(grant.uid)
@@ -456,7 +489,16 @@ class Service(Issuance, Awaiting):
         if retry:
             self.revoke(grant, *retry)
         elif grant.expires_at and grant.expires_at <= self.clock() + timedelta(milliseconds=50):
-            self.revoke(grant, Reason.TTL_EXPIRED, "the TTL ran out", triggered_at=grant.expires_at)
+            if grant.stage_index >= 0 and grant.spec.last_stage and grant.stage_live:
+                message = f"the last stage ({grant.spec.stage}) ended: all stages done"
+                self.revoke(grant, Reason.STAGES_DONE, message, triggered_at=grant.expires_at)
+            else:
+                self.revoke(
+                    grant,
+                    Reason.TTL_EXPIRED,
+                    self._ttl_message(grant),
+                    triggered_at=grant.expires_at,
+                )
         elif uid in self._pending_recheck:
             self._pending_recheck.discard(uid)
             self.schedule_expiry(uid, grant.expires_at or self.clock())

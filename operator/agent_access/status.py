@@ -140,6 +140,18 @@ def ended(
     return _final(task, END_PHASE[reason], reason, message, now, requester)
 
 
+def ended_as(
+    task: Mapping[str, Any],
+    phase: Phase,
+    reason: Reason,
+    message: str,
+    now: datetime,
+    requester: Mapping[str, Any] | None = None,
+) -> dict:
+    """A grant ends in this phase (a staged task whose next stage is denied: Denied)."""
+    return _final(task, phase, reason, message, now, requester)
+
+
 def dry_run(
     task: Mapping[str, Any],
     message: str,

@@ -194,5 +194,5 @@ def test_approve_deny_suspend_resume(world, operator):
     sa = world.kube.get(SERVICE_ACCOUNTS, agents, "bot")
     assert "agentaccess.io/suspended" not in (sa["metadata"].get("annotations") or {})
     assert run(kc, "suspend", "nobody", "-n", agents).returncode == 1
-    later = run(kc, "advance", "carols", "stage-2", "-n", agents)
-    assert later.returncode == 3 and "not in this version" in later.stderr
+    unstaged = run(kc, "advance", "carols", "stage-2", "-n", agents)
+    assert unstaged.returncode == 1 and "has no stages" in unstaged.stderr
