@@ -545,6 +545,13 @@ def _stages_schema() -> dict:
         "items": {
             "type": "object",
             "required": ["name", "access"],
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.ttl) == has(oldSelf.ttl) && "
+                    "(!has(self.ttl) || self.ttl == oldSelf.ttl)",
+                    "message": "a stage's ttl is immutable: create a new AgentTask",
+                }
+            ],
             "properties": {
                 "name": {**DNS_LABEL, "description": "The stage's name (unique in the task)."},
                 "ttl": {

@@ -43,6 +43,7 @@ from .informers import Key
 from .issuance import _requested
 from .model import Phase, Reason
 from .runtime import Deadlines, Registry
+from .stages import precise
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,7 @@ class Awaiting:
     facts: Facts
     waiting: Waiting
     registry: Registry
+    ended: set[str]
     _first_seen: dict[str, datetime]
 
     if TYPE_CHECKING:  # provided by the service (issuance.py); not shadowed here
@@ -244,7 +246,7 @@ class Awaiting:
             else:
                 self._close(task, spec, phase, reason, outcome.message, outcome.detail, extra)
             return None
-        self._await(task, spec, decision, outcome)
+        self._await(task, spec, decision, outcome, ref.created)
         assert outcome.deadline is not None
         self.waiting.wait(
             uid, (spec.namespace, meta["name"]), outcome.deadline,
@@ -255,7 +257,12 @@ class Awaiting:
         return None
 
     def _await(
-        self, task: Mapping[str, Any], spec: TaskSpec, decision: Granted, outcome: Outcome
+        self,
+        task: Mapping[str, Any],
+        spec: TaskSpec,
+        decision: Granted,
+        outcome: Outcome,
+        since: datetime | None = None,
     ) -> None:
         """Pending/AwaitingApproval, written only when it says something new."""
         current = task.get("status") or {}
@@ -301,7 +308,16 @@ class Awaiting:
         if staged is not None and staged.stage_index >= 0:
             status["stage"] = staged.spec.stage
             status["stages"] = [dict(e) for e in staged.stages]
-        self._write_status(task, status)
+        elif spec.staged:  # waiting for its first stage (no identity yet): since when
+            status["stage"] = spec.stage
+            status["stages"] = [
+                {"name": spec.stage, "phase": Phase.PENDING.value,
+                 "reason": Reason.AWAITING_APPROVAL.value, "startedAt": precise(since)}
+            ]  # fmt: skip
+        with self.registry.lock(task["metadata"]["uid"]):  # never over a revocation's end
+            if task["metadata"]["uid"] in self.ended:
+                return
+            self._write_status(task, status)
         if first:
             self._event(
                 task, "Normal", Reason.AWAITING_APPROVAL, outcome.message, "AwaitApproval", spec

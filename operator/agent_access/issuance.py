@@ -38,7 +38,7 @@ from .model import (
 )
 from .objects import stage_name
 from .owned import Owned
-from .stages import first_stages
+from .stages import first_stages, parse_started
 
 if TYPE_CHECKING:
     from .approvals import Waiting
@@ -122,6 +122,7 @@ class Issuance:
     cpu: ThreadPoolExecutor
     io: ThreadPoolExecutor
     ended: set[str]
+    _ending: set[str]
     _first_seen: dict[str, datetime]
     waiting: Waiting
     limits: Limits
@@ -234,7 +235,7 @@ class Issuance:
             else:
                 self._dry_run(task, spec, decision)
             return
-        approvals = self.gate(task, spec, decision)
+        approvals = self.gate(task, spec, decision, since=self._first_stage_since(task, spec))
         if approvals is None:  # waiting for approval, or ended by it
             return
         uid = task["metadata"]["uid"]
@@ -246,6 +247,22 @@ class Issuance:
             self._grant(task, spec, world, decision, generation, approvals)
         finally:  # live now (counted by the registry), or not issued
             self.limits.release(uid)
+
+    def _first_stage_since(self, task: Mapping[str, Any], spec: TaskSpec) -> datetime | None:
+        """A staged task's first stage to be issued waits from the task's creation; if
+        spec.stage moved while it waited, the new stage waits from when that was seen
+        (approvals made for the stage before do not count for this one)."""
+        if not spec.staged:
+            return None
+        status = task.get("status") or {}
+        if not status.get("stage"):
+            return None  # from the task's creation
+        if status["stage"] == spec.stage:
+            entries = status.get("stages") or []
+            started = [e.get("startedAt") for e in entries if isinstance(e, Mapping)
+                       and e.get("name") == spec.stage]  # fmt: skip
+            return parse_started(started[-1]) or self.clock() if started else self.clock()
+        return self.clock()
 
     def _dry_run(self, task: Mapping[str, Any], spec: TaskSpec, decision: Granted) -> None:
         """Granted, but only on paper: audit line, status, Event; nothing is created."""

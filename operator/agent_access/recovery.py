@@ -149,6 +149,8 @@ def _adopt(service: Service, task: Mapping[str, Any], found: Found) -> LiveGrant
     if any(e.preset for e in spec.access):
         plan = planned_grant(task, _with_presets(spec, record))
     status = task.get("status") or {}
+    if spec.staged and status.get("stage") != spec.stage:
+        status = {k: v for k, v in status.items() if k != "expiresAt"}  # another stage's
     deadlines = [
         t
         for t in (
@@ -191,16 +193,21 @@ def _adopt_staged(
     stage = set(plan.bindings()) | {(ROLE, g.namespace, g.role) for g in plan.grants}
     live = stage <= set(found) and record.get(ANNOTATION_STAGE) == spec.stage
     stale = [ref for ref in found if ref not in identity and (ref not in stage or not live)]
+    leftovers = []
     for ref in sorted(stale, key=lambda r: r[0] != ROLE_BINDING):  # bindings first
         try:
             service.owned.delete(ref, plan.uid, found[ref]["metadata"]["uid"])
-        except KubeError as exc:
+        except KubeError as exc:  # kept, and deleted before any stage is issued again
             log.warning("could not remove %s of %s: %s", ref, plan.ref, exc)
+            leftovers.append(ref)
+    if leftovers and live:  # never two stages: the current one is decided again after
+        leftovers += sorted(stage, key=lambda r: r[0] != ROLE_BINDING)
+        live = False
     task_expires = parse_time(record.get(ANNOTATION_TASK_EXPIRES_AT))
     if task_expires is None:
         task_expires = min(deadlines) if deadlines else service.clock()
     expires = min([*deadlines, task_expires]) if live else task_expires
-    kept = identity | (stage if live else set())
+    kept = identity | (stage if live else set()) | set(leftovers)
     policies = record.get(ANNOTATION_POLICIES) or ""
     return replace(
         plan,
@@ -214,6 +221,7 @@ def _adopt_staged(
         object_uids={ref: obj["metadata"]["uid"] for ref, obj in found.items() if ref in kept},
         stage_live=live,
         stages=stages.sanitize(status.get("stages")),
+        leftovers=tuple(leftovers),
     )
 
 
@@ -230,7 +238,12 @@ def recover(service: Service) -> None:
     for task in tasks:
         meta = task.get("metadata") or {}
         uid = meta.get("uid", "")
-        if not _holds_identity(task.get("status") or {}):
+        status = task.get("status") or {}
+        if not _holds_identity(status):
+            continue
+        if status.get("phase") != Phase.ACTIVE.value and not any(
+            ref[0] == SERVICE_ACCOUNT for ref in found.get(uid, {})
+        ):  # a staged task waiting for its first stage: no identity yet, nothing to adopt
             continue
         try:
             grant = _adopt(service, task, found.get(uid, {}))

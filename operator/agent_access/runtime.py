@@ -76,6 +76,9 @@ class LiveGrant:
     stage_live: bool = True
     task_expires_at: datetime | None = None
     stages: tuple[Mapping[str, Any], ...] = ()
+    #: Objects of other stages still to delete (a clean-up that failed at start-up):
+    #: deleted before the next stage is issued, and by any revocation.
+    leftovers: tuple[ObjectRef, ...] = ()
 
     @property
     def ref(self) -> str:
@@ -89,6 +92,12 @@ class LiveGrant:
     def bindings(self) -> list[ObjectRef]:
         """The grant's RoleBindings: deleting them refuses the token (403) at once."""
         return [(ROLE_BINDING, g.namespace, g.binding) for g in self.grants]
+
+    def leftover_bindings(self) -> list[ObjectRef]:
+        return [r for r in self.leftovers if r[0] == ROLE_BINDING]
+
+    def leftover_roles(self) -> list[ObjectRef]:
+        return [r for r in self.leftovers if r[0] != ROLE_BINDING]
 
     def identity(self) -> list[ObjectRef]:
         """The agent's read of the token, the ServiceAccount (401), then the Secret."""

@@ -56,6 +56,7 @@ from .rules import DEFAULT_GUARDRAILS, Guardrails
 from .runtime import (
     Deadlines,
     LiveGrant,
+    ObjectRef,
     Registry,
     planned_grant,
 )
@@ -146,7 +147,7 @@ class Service(Staging):
         #: Grants a re-evaluation is revoking (not re-evaluated again meanwhile).
         self._ending: set[str] = set()
         #: Grants whose RoleBindings a mass re-evaluation already deleted.
-        self._bindings_dropped: set[str] = set()
+        self._bindings_dropped: dict[str, set[ObjectRef]] = {}
         #: Grants whose re-check failed on an API error: retried by the timer.
         self._pending_recheck: set[str] = set()
         #: End-of-grant statuses that could not be written yet: retried by the timer.
@@ -294,6 +295,8 @@ class Service(Staging):
             self.revoke(grant, Reason.TTL_EXPIRED, "the TTL ran out")
             return
         spec = grant.spec
+        if not grant.stage_live:
+            return  # a staged task between stages: no access to re-check (TTL checked above)
         forbidden = check_guardrails(spec, self.guardrails)
         if forbidden:
             self.revoke(
@@ -370,10 +373,10 @@ class Service(Staging):
         Only the task's own objects are deleted (see `owned`). Returns when the
         bindings were gone.
         """
-        if grant.uid in self._bindings_dropped:  # already, by a mass re-evaluation
-            self._bindings_dropped.discard(grant.uid)
-        else:
-            self.owned.delete_grant_part(grant, grant.bindings())
+        dropped = self._bindings_dropped.pop(grant.uid, set())  # by a mass re-evaluation
+        self.owned.delete_grant_part(
+            grant, [b for b in grant.leftover_bindings() + grant.bindings() if b not in dropped]
+        )
         bindings_gone = self.clock()
         checkpoint("revoke:rolebindings")
         reader, sa, secret = grant.identity()
@@ -381,7 +384,7 @@ class Service(Staging):
         checkpoint("revoke:serviceaccount")
         self.owned.delete_grant_part(grant, [secret])
         checkpoint("revoke:secret")
-        self.owned.delete_grant_part(grant, grant.roles())
+        self.owned.delete_grant_part(grant, grant.leftover_roles() + grant.roles())
         checkpoint("revoke:roles")
         return bindings_gone
 
@@ -402,8 +405,10 @@ class Service(Staging):
         triggered_at = triggered_at or self.clock()
         phase = phase or st.END_PHASE[reason]
         with self.registry.lock(grant.uid):
-            if self.registry.get(grant.uid) is None:
+            current = self.registry.get(grant.uid)
+            if current is None:
                 return False
+            grant = current  # as it is now (a staged task may have moved on meanwhile)
             try:
                 bindings_gone = self.delete_objects(grant)
             except KubeError as exc:
@@ -662,6 +667,8 @@ class Service(Staging):
         for grant in sorted(grants, key=lambda g: g.spec.atom_count):
             if grant.uid in self._ending:
                 continue  # already on its way out (an earlier pass)
+            if not grant.stage_live:
+                continue  # a staged task between stages: its next stage is decided afresh
             try:
                 context = self._context(grant.spec, policies, triggered)
                 verdict = reassess(grant.spec, policies, namespaces, grant.policies, context)
@@ -708,14 +715,18 @@ class Service(Staging):
             self._ending.discard(grant.uid)
 
     def _drop_bindings(self, grant: LiveGrant) -> None:
-        """The first step of a revocation, ahead of the rest (its revoke skips it)."""
-        try:
-            self.owned.delete_grant_part(grant, grant.bindings())
-        except KubeError as exc:  # the revocation itself tries again
-            log.warning("deleting the bindings of %s failed: %s", grant.ref, exc)
-            return
-        if self.registry.get(grant.uid) is not None:
-            self._bindings_dropped.add(grant.uid)
+        """The first step of a revocation, ahead of the rest (its revoke skips them)."""
+        with self.registry.lock(grant.uid):  # not while a staged task changes stage
+            live = self.registry.get(grant.uid)
+            if live is None:
+                return
+            bindings = live.leftover_bindings() + live.bindings()
+            try:
+                self.owned.delete_grant_part(live, bindings)
+            except KubeError as exc:  # the revocation itself tries again
+                log.warning("deleting the bindings of %s failed: %s", grant.ref, exc)
+                return
+            self._bindings_dropped[grant.uid] = set(bindings)
 
     def _clamp(self, grant: LiveGrant, ttl: timedelta) -> None:
         """A policy now allows a shorter grant (its maxTTL went down): end earlier."""

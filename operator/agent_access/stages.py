@@ -28,6 +28,21 @@ def _time(moment: datetime | None) -> str | None:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ") if moment else None
 
 
+def precise(moment: datetime | None) -> str | None:
+    """startedAt keeps microseconds: approvals (whole seconds) made in the second a stage
+    began waiting cannot be told from ones made before it, and so do not count for it."""
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if moment else None
+
+
+def parse_started(text: Any) -> datetime | None:
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
 def _entry(name: str, phase: str, reason: str = "", **times: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"name": name, "phase": phase}
     if reason:
@@ -41,7 +56,7 @@ def active_entry(grant: LiveGrant, started: datetime | None) -> dict[str, Any]:
         grant.spec.stage or "",
         "Active",
         "PolicyAllowed",
-        startedAt=_time(started),
+        startedAt=precise(started),
         grantedAt=_time(grant.granted_at),
         expiresAt=_time(grant.expires_at),
         grants=[g.to_status() for g in grant.grants],
@@ -82,7 +97,7 @@ def leave(stages: Entries, names: Sequence[str], old: int, new: int, now: dateti
             endedAt=_time(now),
         )
     out += [_entry(n, SKIPPED) for n in names[old + 1 : new]]
-    out.append(_entry(names[new], "Pending", "Deciding", startedAt=_time(now)))
+    out.append(_entry(names[new], "Pending", "Deciding", startedAt=precise(now)))
     return tuple(out)
 
 

@@ -22,7 +22,9 @@ A mixin of the grant service (service.py), like issuance.py.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -38,12 +40,13 @@ from .model import (
     ANNOTATION_EXPIRES_AT,
     ANNOTATION_GRANTED_AT,
     ANNOTATION_POLICIES,
+    ANNOTATION_PRESET_RULES,
     ANNOTATION_STAGE,
     Phase,
     Reason,
 )
 from .objects import stage_name
-from .runtime import ROLE, LiveGrant, NamespaceGrant, parse_time
+from .runtime import ROLE, LiveGrant, NamespaceGrant
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +80,32 @@ class Staging(Issuance, Awaiting):
         if spec.stage_index < grant.stage_index:  # admission refuses it; never go back
             log.warning("%s: spec.stage moved back to %s; ignored", grant.ref, spec.stage)
             return
+        if grant.uid in self._ending:
+            return  # on its way out
         if spec.stage_index > grant.stage_index:
             self.leave_stage(grant, spec)
         live = self.registry.get(grant.uid)
+        if live is not None and live.leftovers:
+            live = self._clear_leftovers(live)  # raises on an API error: retried
         if live is not None and not live.stage_live:
             self.enter_stage(task, live, spec)
+
+    def _clear_leftovers(self, grant: LiveGrant) -> LiveGrant | None:
+        """Objects of other stages a start-up could not delete: gone before any stage is
+        issued again (bindings first)."""
+        with self.registry.lock(grant.uid):
+            live = self.registry.get(grant.uid)
+            if live is None:
+                return None
+            self.owned.delete_grant_part(live, live.leftover_bindings())
+            self.owned.delete_grant_part(live, live.leftover_roles())
+            live = replace(
+                live,
+                leftovers=(),
+                object_uids={k: v for k, v in live.object_uids.items() if k not in live.leftovers},
+            )
+            self.registry.add(live)
+            return live
 
     def leave_stage(self, grant: LiveGrant, spec: TaskSpec) -> None:
         """The live stage's access goes first (403), then its Roles; the identity stays."""
@@ -109,6 +133,7 @@ class Staging(Issuance, Awaiting):
                 stage_index=spec.stage_index,
                 stage_live=False,
                 stages=history,
+                granted_at=None,
                 expires_at=live.task_expires_at or live.expires_at,
                 object_uids={k: v for k, v in live.object_uids.items() if k not in gone},
             )
@@ -118,6 +143,20 @@ class Staging(Issuance, Awaiting):
         self.metrics.stage_left((refused - triggered).total_seconds())
         previous = grant.spec.stage
         message = f"stage {previous} left for {spec.stage}: its access is removed"
+        self._write_stage_status(
+            live,
+            {
+                "phase": Phase.PENDING.value,
+                "reason": "StageAdvancing",
+                "message": f"deciding stage {spec.stage} ({previous} left)",
+                "stage": spec.stage,
+                "stages": [dict(e) for e in history],
+                "grants": [],
+                "approvals": [],
+                "policies": [],
+                "expiresAt": st.rfc3339(live.expires_at) if live.expires_at else None,
+            },
+        )
         self.audit.write(
             audit.record(
                 "stage",
@@ -133,8 +172,24 @@ class Staging(Issuance, Awaiting):
         )
         self._event(_stub_of(live), "Normal", "StageAdvanced", message, "Advance", spec)
 
+    def _write_stage_status(self, grant: LiveGrant, fields: Mapping[str, Any]) -> None:
+        """A few status fields of a staged task, only while it is live here (a revocation
+        racing this writes the end after, never before); API errors tried thrice."""
+        for attempt in range(3):
+            try:
+                with self.registry.lock(grant.uid):
+                    if self.registry.get(grant.uid) is None:
+                        return
+                    self._write_status(_stub_of(grant), fields, partial=True)
+                return
+            except KubeError as exc:
+                log.warning("recording the stage of %s failed: %s", grant.ref, exc)
+                time.sleep(0.2 * (attempt + 1))
+
     def enter_stage(self, task: Mapping[str, Any], grant: LiveGrant, spec: TaskSpec) -> None:
         """Decide the current stage afresh and, if allowed (and approved), issue it."""
+        if grant.task_expires_at and grant.task_expires_at <= self.clock():
+            return  # the task's deadline ends it (already scheduled)
         generation = self.registry.generation
         world, watched = self.facts.world(spec)
         decision = self.cpu.submit(evaluate, spec, world, self.clock(), self.guardrails).result()
@@ -154,7 +209,7 @@ class Staging(Issuance, Awaiting):
             self.metrics.denied(decision.reason)
             return
         spec = decision.spec or spec
-        since = parse_time(stages.started_at(grant.stages, spec.stage)) or self.clock()
+        since = stages.parse_started(stages.started_at(grant.stages, spec.stage)) or self.clock()
 
         def end(phase: Phase, reason: Reason, message: str, detail: str, extra: Any) -> None:
             self.revoke(grant, reason, f"stage {spec.stage}: {message}", detail=detail, phase=phase)
@@ -162,7 +217,17 @@ class Staging(Issuance, Awaiting):
         approvals = self.gate(task, spec, decision, since=since, end=end)
         if approvals is None:
             return
-        self._issue_stage(task, grant, spec, decision, approvals, generation)
+        limited = self.limits.reserve(grant.uid, spec, decision.policies)
+        if limited:
+            self.revoke(
+                grant, limited.reason, f"stage {spec.stage}: {limited.message}",
+                detail=limited.detail, phase=Phase.DENIED,
+            )  # fmt: skip
+            return
+        try:
+            self._issue_stage(task, grant, spec, decision, approvals, generation)
+        finally:
+            self.limits.release(grant.uid)
 
     def _issue_stage(
         self,
@@ -249,12 +314,7 @@ class Staging(Issuance, Awaiting):
                 stage=spec.stage,
             )
         )
-        try:
-            with self.registry.lock(uid):
-                if self.registry.get(uid) is not None:
-                    self._write_status(task, status)
-        except KubeError as exc:  # the grant stands (restart reads the objects); again later
-            log.warning("recording stage %s of %s failed: %s", spec.stage, live.ref, exc)
+        self._write_stage_status(live, status)  # the grant stands even if this fails
         checkpoint("stage:status")
         self._event(task, "Normal", "StageGranted", status["message"], "Grant", spec)
         if self.registry.generation != generation:
@@ -263,11 +323,18 @@ class Staging(Issuance, Awaiting):
     def _record_stage(self, grant: LiveGrant) -> None:
         """The identity's record (what a restart reads): the stage and its deadline."""
         assert grant.expires_at and grant.granted_at
-        record = {
+        presets = {
+            g.namespace: [r.to_dict() for r in g.rules] for g in grant.spec.access if g.preset
+        }
+        record: dict[str, str | None] = {
             ANNOTATION_EXPIRES_AT: st.rfc3339(grant.expires_at),
             ANNOTATION_GRANTED_AT: st.rfc3339(grant.granted_at),
             ANNOTATION_POLICIES: ",".join(grant.policies),
             ANNOTATION_STAGE: grant.spec.stage or "",
+            # what this stage's presets granted (none: the previous stage's record goes)
+            ANNOTATION_PRESET_RULES: json.dumps(presets, separators=(",", ":"))
+            if presets
+            else None,
         }
         try:
             self.kube.merge_patch(

@@ -283,3 +283,71 @@ def test_pod_end_and_deletion_end_the_task_from_a_middle_stage(world, operator):
     wait_for(lambda: can_list(client, target, "configmaps") in (401, 403), 5, 0.01,
              what="the deleted task's stage refused")  # fmt: skip
     wait_for(lambda: world.task_objects(task) == [], 10, what="the deleted task cleaned up")
+
+
+def approver_rbac(world, agents, *users):
+    rbac = "rbac.authorization.k8s.io"
+    world.kube.create(Resource(f"/apis/{rbac}/v1", "roles"), agents, {
+        "metadata": {"name": "approver"},
+        "rules": [{"apiGroups": ["agentaccess.io"], "resources": ["agenttaskapprovals"],
+                   "verbs": ["create"]}]})  # fmt: skip
+    world.kube.create(Resource(f"/apis/{rbac}/v1", "rolebindings"), agents, {
+        "metadata": {"name": "approver"},
+        "roleRef": {"apiGroup": rbac, "kind": "Role", "name": "approver"},
+        "subjects": [{"apiGroup": rbac, "kind": "User", "name": u} for u in users]})  # fmt: skip
+
+
+def approve(world, agents, task, user, stage=None):
+    spec = {"taskName": task["metadata"]["name"], "taskUID": task["metadata"]["uid"],
+            "decision": "Approve"}  # fmt: skip
+    if stage:
+        spec["stage"] = stage
+    as_user(world.kubeconfig, user).create(AGENT_TASK_APPROVALS, agents, {
+        "apiVersion": "agentaccess.io/v1alpha1", "kind": "AgentTaskApproval",
+        "metadata": {"generateName": "ok-"}, "spec": spec})  # fmt: skip
+
+
+def test_an_approval_for_one_stage_never_counts_for_the_next(world, operator):
+    agents, target = world.namespace("stg-agents"), world.namespace("stg-target")
+    world.service_account(agents, "bot")
+    two = {"required": 2, "approvers": [{"kind": "User", "name": "alice"},
+                                        {"kind": "User", "name": "bob"}]}  # fmt: skip
+    world.policy(target, "gated", [(agents, "bot")], PODS + CONFIG, approval=two)
+    approver_rbac(world, agents, "alice", "bob")
+    task = staged(world, agents, target, "waits", rules=(PODS, CONFIG))
+    assert task["status"]["reason"] == "AwaitingApproval"
+    approve(world, agents, task, "alice")  # for inspect: 1 of 2
+    wait_for(lambda: "1 of 2" in world.get_task(agents, "waits")["status"]["message"], 10,
+             what="alice counted for inspect")  # fmt: skip
+    advance(world, agents, "waits", "deploy")  # still no identity: inspect never issued
+    waiting = stage_live(world, agents, "waits", "deploy", phase="Pending")
+    # approvals carry whole seconds: one made in the second deploy began waiting cannot
+    # be told from one made before, and does not count for it (docs/stages.md)
+    time.sleep(1.1)
+    approve(world, agents, task, "bob")  # for deploy: alice's was for inspect
+    wait_for(lambda: len(world.get_task(agents, "waits")["status"].get("approvals") or []) == 2,
+             10, what="both decisions listed")  # fmt: skip
+    status = world.get_task(agents, "waits")["status"]
+    assert status["phase"] == "Pending" and "1 of 2" in status["message"], status
+    alice = next(a for a in status["approvals"] if a["approver"]["username"] == "alice")
+    assert alice["counted"] is False and "before this stage" in alice["reason"]
+    approve(world, agents, task, "alice", stage="deploy")
+    stage_live(world, agents, "waits", "deploy")
+    assert waiting["metadata"]["uid"] == task["metadata"]["uid"]
+
+
+def test_a_later_stage_respects_max_active_tasks(world, operator):
+    agents, target = world.namespace("stg-agents"), world.namespace("stg-target")
+    world.service_account(agents, "bot")
+    world.policy(target, "reads", [(agents, "bot")], PODS, maxActiveTasks=1)
+    one = {"required": 1, "approvers": [{"kind": "User", "name": "alice"}]}
+    world.policy(target, "gated", [(agents, "bot")], CONFIG, approval=one)
+    approver_rbac(world, agents, "alice")
+    task = staged(world, agents, target, "first", rules=(CONFIG, PODS))
+    approve(world, agents, task, "alice")
+    stage_live(world, agents, "first", "inspect")
+    world.task(agents, "other", "bot", [{"namespace": target, "rules": PODS}])
+    assert world.wait_phase(agents, "other", "Active")["status"]["policies"] == [f"{target}/reads"]
+    advance(world, agents, "first", "deploy")  # the one slot under `reads` is taken
+    ended = world.wait_phase(agents, "first", "Denied")["status"]
+    assert ended["reason"] == "LimitExceeded" and "stage deploy" in ended["message"], ended

@@ -63,7 +63,7 @@ def test_the_stage_record():
         ("deploy", "Skipped"),
         ("verify", "Pending"),
     ]
-    assert stages.started_at(left, "verify") == "2026-12-05T10:00:00Z"
+    assert stages.started_at(left, "verify") == "2026-12-05T10:00:00.000000Z"
     ended = stages.end(left, "verify", "Denied", "RuleNotAllowed", T0)
     assert ended[-1]["phase"] == "Denied" and ended[-1]["reason"] == "RuleNotAllowed"
     assert stages.sanitize([{"name": "a"}, "junk", {"no": "name"}]) == ({"name": "a"},)
