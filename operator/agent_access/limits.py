@@ -30,13 +30,18 @@ class Limits:
             return None
         agent = (spec.namespace, spec.agent)
         with self._lock:
-            counts: Counter[str] = Counter()
+            # distinct tasks per policy: one being issued is in the registry before its
+            # reservation is released, and counts once
+            holders: dict[str, set[str]] = {}
             for grant in self.registry.for_agent(*agent):
                 if grant.uid != uid:
-                    counts.update(grant.policies)
+                    for key in grant.policies:
+                        holders.setdefault(key, set()).add(grant.uid)
             for other, (who, keys) in self._reserved.items():
                 if who == agent and other != uid:
-                    counts.update(keys)
+                    for key in keys:
+                        holders.setdefault(key, set()).add(other)
+            counts = Counter({key: len(uids) for key, uids in holders.items()})
             denied = check_limits(spec, limited, counts)
             if denied is None:
                 self._reserved[uid] = (agent, tuple(p.key for p in limited))

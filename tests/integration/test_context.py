@@ -99,7 +99,9 @@ def test_max_active_tasks_holds_when_tasks_arrive_together(world, operator):
         t.join()
     done = [world.wait_phase(agents, n, {"Active", "Denied"}) for n in names]
     phases = sorted(t["status"]["phase"] for t in done)
-    assert phases == ["Active"] * 2 + ["Denied"] * 4, phases
+    assert phases == ["Active"] * 2 + ["Denied"] * 4, [
+        (t["status"]["phase"], t["status"]["reason"], t["status"]["message"]) for t in done
+    ]
     refused = [t for t in done if t["status"]["phase"] == "Denied"]
     assert all(t["status"]["reason"] == "LimitExceeded" for t in refused)
     assert "allows 2 at once" in refused[0]["status"]["message"]

@@ -100,3 +100,18 @@ def test_limits():
     assert check_limits(spec, [p], Counter({p.key: 1})) is None
     got = check_limits(spec, [p], Counter({p.key: 2}))
     assert got is not None and got.reason == Reason.LIMIT_EXCEEDED
+
+
+def test_a_task_being_issued_counts_once():
+    """Registered before its reservation is released: still one task, not two."""
+    from agent_access.limits import Limits
+    from agent_access.runtime import LiveGrant, Registry
+
+    registry = Registry()
+    limits = Limits(registry)
+    p = policy(maxActiveTasks=2)
+    spec = parse_task_spec("agents", task([{"namespace": "payments", "rules": LOGS}]))
+    assert limits.reserve("a", spec, [p]) is None
+    registry.add(LiveGrant("agents", "a", "a", spec, "sa", "s", (), (p.key,), None))
+    assert limits.reserve("b", spec, [p]) is None  # a (registered and reserved) + b = 2
+    assert limits.reserve("c", spec, [p]) is not None
