@@ -73,25 +73,7 @@ def test_human_approval_under_the_chart_identity(world, chart_operator):
         target, "gated", [(agents, "bot")], rules,
         approval={"required": 1, "approvers": [{"kind": "User", "name": "alice"}]},
     )  # fmt: skip
-    rbac = "rbac.authorization.k8s.io"
-    world.kube.create(
-        Resource(f"/apis/{rbac}/v1", "roles"),
-        agents,
-        {
-            "metadata": {"name": "approver"},
-            "rules": [{"apiGroups": ["agentaccess.io"], "resources": ["agenttaskapprovals"],
-                       "verbs": ["create"]}],
-        },
-    )  # fmt: skip
-    world.kube.create(
-        Resource(f"/apis/{rbac}/v1", "rolebindings"),
-        agents,
-        {
-            "metadata": {"name": "approver"},
-            "roleRef": {"apiGroup": rbac, "kind": "Role", "name": "approver"},
-            "subjects": [{"apiGroup": rbac, "kind": "User", "name": "alice"}],
-        },
-    )
+    world.allow(agents, "approver", ["alice"], ["agenttaskapprovals"], ["create"])
     task = world.task(agents, "gated", "bot", [{"namespace": target, "rules": rules}])
     waiting = world.wait_phase(agents, "gated", "Pending")
     assert world.task_objects(task) == []

@@ -298,6 +298,22 @@ class World:
                 left.append(f"{res.plural}/{m['namespace']}/{m['name']}")
         return left
 
+    def allow(self, ns: str, name: str, users: list[str], resources: list[str], verbs: list[str],
+              group: str = "agentaccess.io") -> None:  # fmt: skip
+        """A Role in `ns` with one rule, bound to these users (people the tests act as)."""
+        rbac = "rbac.authorization.k8s.io"
+        rule = {"apiGroups": [group], "resources": resources, "verbs": verbs}
+        self.kube.create(ROLES, ns, {"metadata": {"name": name}, "rules": [rule]})
+        self.kube.create(
+            ROLE_BINDINGS,
+            ns,
+            {
+                "metadata": {"name": name},
+                "roleRef": {"apiGroup": rbac, "kind": "Role", "name": name},
+                "subjects": [{"apiGroup": rbac, "kind": "User", "name": u} for u in users],
+            },
+        )
+
     def events(self, ns: str, name: str) -> list[dict]:
         from agent_access.kube import EVENTS
 

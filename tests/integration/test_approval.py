@@ -177,27 +177,7 @@ def test_self_approval_is_refused_at_admission(world, operator, approver_role):
     agents, target = scene(world, approver_role, required=1)
     world.service_account(agents, "helper")
     # carol may create tasks here, and is in the approvers' group too
-    rbac = "rbac.authorization.k8s.io"
-    world.kube.create(
-        ROLES,
-        agents,
-        {
-            "metadata": {"name": "requester"},
-            "rules": [
-                {"apiGroups": ["agentaccess.io"], "resources": ["agenttasks"],
-                 "verbs": ["create", "get"]},
-            ],
-        },
-    )  # fmt: skip
-    world.kube.create(
-        ROLE_BINDINGS,
-        agents,
-        {
-            "metadata": {"name": "carol-requests"},
-            "roleRef": {"apiGroup": rbac, "kind": "Role", "name": "requester"},
-            "subjects": [{"apiGroup": rbac, "kind": "User", "name": "carol"}],
-        },
-    )
+    world.allow(agents, "requester", ["carol"], ["agenttasks"], ["create", "get"])
     carol = as_user(world.kubeconfig, "carol", ("payments-oncall",))
     from agent_access.kube import AGENT_TASKS
 

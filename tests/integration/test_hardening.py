@@ -663,25 +663,7 @@ def test_grants_only_into_watched_namespaces(world, solo):
 
 def requester_without_policy_access(world, ns: str, user: str):
     """A person who may create AgentTasks in `ns` and read nothing else."""
-    rbac = "rbac.authorization.k8s.io"
-    world.kube.create(
-        ROLES,
-        ns,
-        {
-            "metadata": {"name": f"{user}-tasks"},
-            "rules": [{"apiGroups": ["agentaccess.io"], "resources": ["agenttasks"],
-                       "verbs": ["create", "get"]}],
-        },
-    )  # fmt: skip
-    world.kube.create(
-        ROLE_BINDINGS,
-        ns,
-        {
-            "metadata": {"name": f"{user}-tasks"},
-            "roleRef": {"apiGroup": rbac, "kind": "Role", "name": f"{user}-tasks"},
-            "subjects": [{"apiGroup": rbac, "kind": "User", "name": user}],
-        },
-    )
+    world.allow(ns, f"{user}-tasks", [user], ["agenttasks"], ["create", "get"])
     return as_user(world.kubeconfig, user)
 
 

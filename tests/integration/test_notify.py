@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from agent_access import notify
-from agent_access.kube import AGENT_TASK_APPROVALS, AGENT_TASKS, Resource
+from agent_access.kube import AGENT_TASK_APPROVALS, AGENT_TASKS
 
 from .cluster import as_token, as_user, list_pods_status, poll_status, record_timing, wait_for
 
@@ -144,25 +144,7 @@ def test_each_decision_reaches_the_receiver_signed_and_without_the_token(
 
 
 def allow_approvals(world, ns: str, user: str) -> None:
-    rbac = "rbac.authorization.k8s.io"
-    world.kube.create(
-        Resource(f"/apis/{rbac}/v1", "roles"),
-        ns,
-        {
-            "metadata": {"name": "approver"},
-            "rules": [{"apiGroups": ["agentaccess.io"], "resources": ["agenttaskapprovals"],
-                       "verbs": ["create"]}],
-        },
-    )  # fmt: skip
-    world.kube.create(
-        Resource(f"/apis/{rbac}/v1", "rolebindings"),
-        ns,
-        {
-            "metadata": {"name": "approver"},
-            "roleRef": {"apiGroup": rbac, "kind": "Role", "name": "approver"},
-            "subjects": [{"apiGroup": rbac, "kind": "User", "name": user}],
-        },
-    )
+    world.allow(ns, "approver", [user], ["agenttaskapprovals"], ["create"])
 
 
 def test_a_receiver_that_hangs_delays_no_grant_no_revocation_and_no_other_receiver(

@@ -111,7 +111,7 @@ def test_help_has_examples():
 def test_approve_deny_suspend_resume(world, operator):
     """approve/deny make AgentTaskApprovals as the caller (self-approval refused with the
     API server's message, exit 2); suspend/resume mark the agent's ServiceAccount."""
-    from agent_access.kube import AGENT_TASK_APPROVALS, SERVICE_ACCOUNTS, Resource
+    from agent_access.kube import AGENT_TASK_APPROVALS, SERVICE_ACCOUNTS
 
     from .cluster import as_user
 
@@ -120,27 +120,7 @@ def test_approve_deny_suspend_resume(world, operator):
     rules = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]}]
     approval = {"required": 1, "approvers": [{"kind": "User", "name": "admin"}]}
     world.policy(target, "gated", [(agents, "bot")], rules, approval=approval)
-    rbac = "rbac.authorization.k8s.io"
-    roles = Resource(f"/apis/{rbac}/v1", "roles")
-    bindings = Resource(f"/apis/{rbac}/v1", "rolebindings")
-    world.kube.create(
-        roles,
-        agents,
-        {
-            "metadata": {"name": "requester"},
-            "rules": [{"apiGroups": ["agentaccess.io"], "resources": ["agenttasks"],
-                       "verbs": ["create", "get"]}],
-        },
-    )  # fmt: skip
-    world.kube.create(
-        bindings,
-        agents,
-        {
-            "metadata": {"name": "carol"},
-            "roleRef": {"apiGroup": rbac, "kind": "Role", "name": "requester"},
-            "subjects": [{"apiGroup": rbac, "kind": "User", "name": "carol"}],
-        },
-    )
+    world.allow(agents, "requester", ["carol"], ["agenttasks"], ["create", "get"])
     kc = world.kubeconfig
     carol = as_user(kc, "carol")
     body = {

@@ -205,15 +205,7 @@ def test_a_later_stage_can_require_approval(world, operator):
     world.policy(target, "read", [(agents, "bot")], PODS)
     alice = {"required": 1, "approvers": [{"kind": "User", "name": "alice"}]}
     world.policy(target, "write", [(agents, "bot")], CONFIG, approval=alice)
-    rbac = "rbac.authorization.k8s.io"
-    world.kube.create(Resource(f"/apis/{rbac}/v1", "roles"), agents, {
-        "metadata": {"name": "approver"},
-        "rules": [{"apiGroups": ["agentaccess.io"], "resources": ["agenttaskapprovals"],
-                   "verbs": ["create"]}]})  # fmt: skip
-    world.kube.create(Resource(f"/apis/{rbac}/v1", "rolebindings"), agents, {
-        "metadata": {"name": "approver"},
-        "roleRef": {"apiGroup": rbac, "kind": "Role", "name": "approver"},
-        "subjects": [{"apiGroup": rbac, "kind": "User", "name": "alice"}]})  # fmt: skip
+    approver_rbac(world, agents, "alice")
     task = staged(world, agents, target, "gated", rules=(PODS, CONFIG))
     assert task["status"]["phase"] == "Active"
     client = as_token(world.kubeconfig, world.token(task))
@@ -286,15 +278,7 @@ def test_pod_end_and_deletion_end_the_task_from_a_middle_stage(world, operator):
 
 
 def approver_rbac(world, agents, *users):
-    rbac = "rbac.authorization.k8s.io"
-    world.kube.create(Resource(f"/apis/{rbac}/v1", "roles"), agents, {
-        "metadata": {"name": "approver"},
-        "rules": [{"apiGroups": ["agentaccess.io"], "resources": ["agenttaskapprovals"],
-                   "verbs": ["create"]}]})  # fmt: skip
-    world.kube.create(Resource(f"/apis/{rbac}/v1", "rolebindings"), agents, {
-        "metadata": {"name": "approver"},
-        "roleRef": {"apiGroup": rbac, "kind": "Role", "name": "approver"},
-        "subjects": [{"apiGroup": rbac, "kind": "User", "name": u} for u in users]})  # fmt: skip
+    world.allow(agents, "approver", list(users), ["agenttaskapprovals"], ["create"])
 
 
 def approve(world, agents, task, user, stage=None):
