@@ -522,25 +522,7 @@ class Issuance:
         new_status = self._active_status(task, plan)
         # The audit line goes first (write-ahead): a token exists now. A crash from here
         # on can repeat the line, never lose it.
-        self.audit.write(
-            audit.record(
-                "granted",
-                task,
-                reason=Reason.POLICY_ALLOWED,
-                phase=Phase.ACTIVE,
-                message=new_status["message"],
-                requested=_requested(spec),
-                requester=_requester(spec),
-                granted=[g.to_status() for g in plan.grants],
-                policies=_policy_refs(decision),
-                objects=self._object_list(plan),
-                granted_at=st.rfc3339(decision.granted_at),
-                expires_at=st.rfc3339(expires_at),
-                now=now,
-                approvals=approvals or None,
-                stage=spec.stage,
-            )
-        )
+        self._audit_granted(task, plan, decision, new_status["message"], approvals, now)
         if approvals:
             new_status["approvals"] = approvals
         try:
@@ -567,6 +549,37 @@ class Issuance:
         # while we were issuing: check now. Otherwise the handlers see it in the registry.
         if self.registry.generation != generation:
             self._recheck_soon(uid)
+
+    def _audit_granted(
+        self,
+        task: Mapping[str, Any],
+        grant: LiveGrant,
+        decision: Granted,
+        message: str,
+        approvals: list[dict[str, Any]] | None,
+        now: datetime,
+    ) -> None:
+        """The audit line of a grant (a task's, or a staged task's stage)."""
+        assert grant.expires_at is not None
+        self.audit.write(
+            audit.record(
+                "granted",
+                task,
+                reason=Reason.POLICY_ALLOWED,
+                phase=Phase.ACTIVE,
+                message=message,
+                requested=_requested(grant.spec),
+                requester=_requester(grant.spec),
+                granted=[g.to_status() for g in grant.grants],
+                policies=_policy_refs(decision),
+                objects=self._object_list(grant),
+                granted_at=st.rfc3339(decision.granted_at),
+                expires_at=st.rfc3339(grant.expires_at),
+                now=now,
+                approvals=approvals or None,
+                stage=grant.spec.stage,
+            )
+        )
 
     def _active_status(self, task: Mapping[str, Any], grant: LiveGrant) -> dict[str, Any]:
         assert grant.granted_at and grant.expires_at

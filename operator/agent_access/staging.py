@@ -289,31 +289,7 @@ class Staging(Issuance, Awaiting):
         status["message"] = f"stage {spec.stage}: {status['message']}"
         if approvals:
             status["approvals"] = approvals
-        self.audit.write(
-            audit.record(
-                "granted",
-                task,
-                reason=Reason.POLICY_ALLOWED,
-                phase=Phase.ACTIVE,
-                message=status["message"],
-                requested=[
-                    {"namespace": e.namespace, "rules": [r.to_dict() for r in e.rules]}
-                    for e in spec.access
-                ],
-                requester=spec.requester.to_dict() if spec.requester else None,
-                granted=[g.to_status() for g in live.grants],
-                policies=[
-                    {"name": p.key, "kind": p.kind, "resourceVersion": p.resource_version}
-                    for p in decision.policies
-                ],
-                objects=self._object_list(live),
-                granted_at=st.rfc3339(decision.granted_at),
-                expires_at=st.rfc3339(expires),
-                now=now,
-                approvals=approvals or None,
-                stage=spec.stage,
-            )
-        )
+        self._audit_granted(task, live, decision, status["message"], approvals, now)
         self._write_stage_status(live, status)  # the grant stands even if this fails
         checkpoint("stage:status")
         self._event(task, "Normal", "StageGranted", status["message"], "Grant", spec)
