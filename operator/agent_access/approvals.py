@@ -314,10 +314,16 @@ class Awaiting:
                 {"name": spec.stage, "phase": Phase.PENDING.value,
                  "reason": Reason.AWAITING_APPROVAL.value, "startedAt": precise(since)}
             ]  # fmt: skip
-        with self.registry.lock(task["metadata"]["uid"]):  # never over a revocation's end
-            if task["metadata"]["uid"] in self.ended:
+        uid = task["metadata"]["uid"]
+        if staged is None:  # no identity: only this task's own queue writes its status
+            if uid in self.ended:
                 return
             self._write_status(task, status)
+        else:
+            with self.registry.lock(uid):  # a revocation racing this writes its end after
+                if uid in self.ended or self.registry.get(uid) is None:
+                    return
+                self._write_status(task, status)
         if first:
             self._event(
                 task, "Normal", Reason.AWAITING_APPROVAL, outcome.message, "AwaitApproval", spec
