@@ -11,6 +11,12 @@ HELM         = $(shell hack/build-binaries.sh --print | tr ':' '\n' | grep helm)
 CHART       := charts/agent-access-operator
 IMAGE       ?= ghcr.io/agent-access/agent-access-operator:0.1.0
 K8S_VERSION ?= 1.37.2
+# controlplane-up options: the operator as the API server's authorization webhook,
+# the API server's audit log (file) and its audit webhook backend
+AUTHZ_WEBHOOK ?=
+AUDIT_LOG     ?=
+AUDIT_WEBHOOK ?=
+AUTHZ_DIR   := $(CURDIR)/.controlplane/authz
 
 .PHONY: help install binaries controlplane-up controlplane-down crds manifests lint test \
         test-unit test-chart test-integration e2e bench bench-quick profile soak demo run image clean \
@@ -30,8 +36,9 @@ install: $(VENV)/.installed ## Create .venv/ and install the operator with its d
 binaries: ## Build kube-apiserver, kube-controller-manager, etcd and helm from the Go module proxy (cached by version)
 	hack/build-binaries.sh
 
-controlplane-up: install binaries ## Start the local etcd + kube-apiserver; kubeconfig in .controlplane/
-	$(PY) hack/controlplane.py up
+controlplane-up: install binaries ## Start the local etcd + kube-apiserver; kubeconfig in .controlplane/ (AUTHZ_WEBHOOK=1 AUDIT_LOG=1 AUDIT_WEBHOOK=1)
+	AUTHZ_WEBHOOK=$(AUTHZ_WEBHOOK) AUDIT_LOG=$(AUDIT_LOG) AUDIT_WEBHOOK=$(AUDIT_WEBHOOK) \
+	  $(PY) hack/controlplane.py up
 
 controlplane-down: ## Stop the local control plane (and its node, if up) and remove its state
 	@if [ -x $(PY) ]; then [ ! -d .node ] || $(PY) hack/node.py down; \
@@ -92,7 +99,10 @@ demo: controlplane-up ## Run the operator on the local control plane with the ex
 
 run: controlplane-up ## Run the operator in the foreground against the local control plane
 	KUBECONFIG=$(KUBECONFIG_LOCAL) $(KUBECTL) apply -f crds/
-	KUBECONFIG=$(KUBECONFIG_LOCAL) $(VENV)/bin/agent-access-operator run
+	KUBECONFIG=$(KUBECONFIG_LOCAL) $(VENV)/bin/agent-access-operator run \
+	  $$([ -f $(AUTHZ_DIR)/port ] && echo --authz-port $$(cat $(AUTHZ_DIR)/port) \
+	     --authz-cert $(AUTHZ_DIR)/tls.crt --authz-key $(AUTHZ_DIR)/tls.key \
+	     --authz-client-ca $(AUTHZ_DIR)/client-ca.crt --authz-host 127.0.0.1)
 
 bench: install binaries ## Benchmarks (full): latency vs the raw-API floor, pod churn, 10,000 live grants, 10,000 namespaces
 	$(PY) bench/bench.py

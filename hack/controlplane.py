@@ -200,6 +200,150 @@ def make_pki(d: Path) -> dict[str, Path]:
     return paths
 
 
+# --- the enforcement point (AUTHZ_WEBHOOK=1, AUDIT_LOG=1, AUDIT_WEBHOOK=1) -----
+
+#: Only per-task identities are sent to the webhook: everyone else never waits on it.
+MATCH_PER_TASK = "request.user.matches('^system:serviceaccount:[^:]+:aat-[^:]+$')"
+
+
+def _issue(pki: Path, common_name: str, *, client: bool, sans=()) -> tuple[bytes, bytes]:
+    """A certificate from the local CA: (cert PEM, key PEM)."""
+    ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
+    ca_key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), None)
+    key = _key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    cert = _cert(name, key, ca.subject, ca_key, client=client, sans=sans)
+    return cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
+
+
+def _webhook_kubeconfig(url: str, pki: Path, client_cert: Path, client_key: Path) -> dict:
+    b64 = lambda p: base64.b64encode(p.read_bytes()).decode()  # noqa: E731
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "webhook",
+        "clusters": [
+            {"name": "agent-access", "cluster": {
+                "server": url, "certificate-authority-data": b64(pki / "ca.crt")}}
+        ],
+        "users": [
+            {"name": "kube-apiserver", "user": {
+                "client-certificate-data": b64(client_cert),
+                "client-key-data": b64(client_key)}}
+        ],
+        "contexts": [
+            {"name": "webhook", "context": {"cluster": "agent-access", "user": "kube-apiserver"}}
+        ],
+    }  # fmt: skip
+
+
+def enforcement_flags(pki: Path, options: dict) -> list[str]:
+    """Write STATE_DIR/authz/ (port, tls.crt, tls.key, client-ca.crt: what the operator
+    serves with) and the API server's configuration files; its extra flags."""
+    flags: list[str] = []
+    if not any(options.values()):
+        return flags
+    authz = STATE_DIR / "authz"
+    authz.mkdir(parents=True, exist_ok=True)
+    if options.get("authz") or options.get("audit_webhook"):
+        port = free_port()
+        cert, key = _issue(
+            pki, "agent-access-webhook", client=False,
+            sans=[x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")],
+        )  # fmt: skip
+        ccert, ckey = _issue(pki, "kube-apiserver-webhook-client", client=True)
+        files = {
+            "port": str(port).encode(),
+            "tls.crt": cert,
+            "tls.key": key,
+            "client-ca.crt": (pki / "ca.crt").read_bytes(),
+            "apiserver-client.crt": ccert,
+            "apiserver-client.key": ckey,
+        }
+        for name, data in files.items():
+            (authz / name).write_bytes(data)
+            (authz / name).chmod(0o600)
+        base = f"https://127.0.0.1:{port}"
+        client = (authz / "apiserver-client.crt", authz / "apiserver-client.key")
+        if options.get("authz"):
+            (authz / "webhook.kubeconfig").write_text(
+                json.dumps(_webhook_kubeconfig(f"{base}/authorize", pki, *client))
+            )
+            config = {
+                "apiVersion": "apiserver.config.k8s.io/v1",
+                "kind": "AuthorizationConfiguration",
+                "authorizers": [
+                    {
+                        "type": "Webhook",
+                        "name": "agent-access",
+                        "webhook": {
+                            "timeout": "3s",
+                            # nothing cached: every call is seen, a refusal follows a
+                            # revocation at once (the TTLs must still be positive)
+                            "authorizedTTL": "1s",
+                            "unauthorizedTTL": "1s",
+                            "cacheAuthorizedRequests": False,
+                            "cacheUnauthorizedRequests": False,
+                            "subjectAccessReviewVersion": "v1",
+                            "matchConditionSubjectAccessReviewVersion": "v1",
+                            "failurePolicy": "Deny",
+                            "connectionInfo": {
+                                "type": "KubeConfigFile",
+                                "kubeConfigFile": str(authz / "webhook.kubeconfig"),
+                            },
+                            "matchConditions": [{"expression": MATCH_PER_TASK}],
+                        },
+                    },
+                    {"type": "Node", "name": "node"},
+                    {"type": "RBAC", "name": "rbac"},
+                ],
+            }
+            (authz / "authorization-config.yaml").write_text(json.dumps(config, indent=2))
+            flags.append(f"--authorization-config={authz / 'authorization-config.yaml'}")
+        if options.get("audit_webhook"):
+            (authz / "audit-webhook.kubeconfig").write_text(
+                json.dumps(_webhook_kubeconfig(f"{base}/audit", pki, *client))
+            )
+            flags += [
+                f"--audit-webhook-config-file={authz / 'audit-webhook.kubeconfig'}",
+                "--audit-webhook-mode=batch",
+                "--audit-webhook-batch-max-wait=1s",
+                "--audit-webhook-initial-backoff=1s",
+            ]
+    if options.get("audit_log") or options.get("audit_webhook"):
+        policy = {
+            "apiVersion": "audit.k8s.io/v1",
+            "kind": "Policy",
+            "omitStages": ["RequestReceived", "ResponseStarted"],
+            "rules": [
+                # an audit policy cannot match a name prefix: every ServiceAccount but
+                # the control plane's own; the operator keeps only per-task identities
+                {"level": "None", "userGroups": ["system:serviceaccounts:kube-system"]},
+                {"level": "Metadata", "userGroups": ["system:serviceaccounts"]},
+                {"level": "None"},
+            ],
+        }
+        (authz / "audit-policy.yaml").write_text(json.dumps(policy, indent=2))
+        flags.append(f"--audit-policy-file={authz / 'audit-policy.yaml'}")
+    if options.get("audit_log"):
+        flags += [
+            f"--audit-log-path={STATE_DIR / 'audit.log'}",
+            "--audit-log-format=json",
+            "--audit-log-maxsize=100",
+            "--audit-log-maxbackup=1",
+        ]
+    return flags
+
+
+def options_from_env() -> dict:
+    on = lambda name: os.environ.get(name, "") not in ("", "0")  # noqa: E731
+    return {
+        "authz": on("AUTHZ_WEBHOOK"),
+        "audit_log": on("AUDIT_LOG"),
+        "audit_webhook": on("AUDIT_WEBHOOK"),
+    }
+
+
 # --- processes ----------------------------------------------------------------
 
 
@@ -332,9 +476,15 @@ def wait_etcd(url: str, deadline: float) -> None:
     raise TimeoutError("etcd did not become healthy")
 
 
-def up() -> dict:
+def up(options: dict | None = None) -> dict:
+    options = options if options is not None else options_from_env()
     state = read_state()
-    if state and all(alive(p) for p in state["pids"].values()) and ready(state):
+    if (
+        state
+        and state.get("options", {}) == options
+        and all(alive(p) for p in state["pids"].values())
+        and ready(state)
+    ):
         write_kubeconfig(state)
         log(f"already up at {state['server']}")
         return state
@@ -346,7 +496,13 @@ def up() -> dict:
     pki = make_pki(d)
     etcd_port, peer_port, api_port = free_port(), free_port(), free_port()
     etcd_url = f"http://127.0.0.1:{etcd_port}"
-    state = {"dir": str(d), "server": f"https://127.0.0.1:{api_port}", "pids": {}, "etcd": etcd_url}
+    state = {
+        "dir": str(d),
+        "server": f"https://127.0.0.1:{api_port}",
+        "pids": {},
+        "etcd": etcd_url,
+        "options": options,
+    }
     STATE_FILE.write_text(json.dumps(state))
     deadline = time.monotonic() + READY_TIMEOUT
     state["pids"]["etcd"] = start_process(
@@ -375,6 +531,7 @@ def up() -> dict:
     STATE_FILE.write_text(json.dumps(state))
     wait_etcd(etcd_url, deadline)
     state["commands"] = {}
+    extra = enforcement_flags(d, options)
     state["commands"]["kube-apiserver"] = [
         apiserver,
         f"--etcd-servers={etcd_url}",
@@ -384,8 +541,10 @@ def up() -> dict:
         f"--tls-cert-file={pki['apiserver.crt']}",
         f"--tls-private-key-file={pki['apiserver.key']}",
         f"--client-ca-file={pki['ca.crt']}",
-        # Node: a kubelet (hack/node.py) reads only what its own Pods use
-        "--authorization-mode=Node,RBAC",
+        # Node: a kubelet (hack/node.py) reads only what its own Pods use (with
+        # AUTHZ_WEBHOOK=1 the authorization config names Webhook, Node, RBAC instead)
+        *([] if options.get("authz") else ["--authorization-mode=Node,RBAC"]),
+        *extra,
         "--enable-admission-plugins=NodeRestriction",
         f"--kubelet-client-certificate={pki['kubelet-client.crt']}",
         f"--kubelet-client-key={pki['kubelet-client.key']}",
@@ -483,7 +642,7 @@ def down(quiet: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def temporary(prefix: str = "aao-cp-"):  # type: ignore[no-untyped-def]
+def temporary(prefix: str = "aao-cp-", options: dict | None = None):  # type: ignore[no-untyped-def]
     """A control plane of its own, state in a temporary directory; yields its kubeconfig.
 
     For test sessions, benchmarks and the soak, so they never touch .controlplane/.
@@ -493,7 +652,7 @@ def temporary(prefix: str = "aao-cp-"):  # type: ignore[no-untyped-def]
     state = Path(tempfile.mkdtemp(prefix=prefix))
     STATE_DIR, KUBECONFIG, STATE_FILE = state, state / "kubeconfig", state / "state.json"
     try:
-        up()
+        up(options or {})
         yield str(KUBECONFIG)
     finally:
         down(quiet=True)

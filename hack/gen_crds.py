@@ -75,6 +75,19 @@ def strings(
     return out
 
 
+def with_recheck(schema: dict) -> dict:
+    """A policy's own rules may ask for a live re-check of every call that needs them."""
+    props = dict(schema["properties"])
+    props["recheck"] = {
+        "type": "boolean",
+        "description": "With the operator as the API server's authorization webhook: every "
+        "call that needs a permission of this rule is re-evaluated when it is made (task "
+        "Active, this policy still covers the task, conditions hold, pod running) and "
+        "refused, and the grant revoked, if not.",
+    }
+    return {**schema, "properties": props}
+
+
 def rule_schema(request: bool) -> dict:
     who = "requested" if request else "that may be granted"
     return {
@@ -387,6 +400,12 @@ TASK_STATUS = {
             "(stamped by a MutatingAdmissionPolicy; clients cannot set it).",
         },
         "stage": {"type": "string", "description": "Staged tasks: the current stage."},
+        "lastUsedAt": {
+            "type": "string",
+            "format": "date-time",
+            "description": "Under a policy with idleTimeout: the last call of the per-task "
+            "identity the operator recorded (at most every few seconds).",
+        },
         "taskExpiresAt": {
             "type": "string",
             "format": "date-time",
@@ -689,7 +708,23 @@ def policy_spec(cluster: bool) -> dict:
                 "minItems": 1,
                 "maxItems": 256,
                 "description": "The ceiling: rules that may be granted.",
-                "items": rule_schema(request=False),
+                "items": with_recheck(rule_schema(request=False)),
+            },
+            "idleTimeout": {
+                "type": "string",
+                "pattern": DURATION,
+                "maxLength": 32,
+                "x-kubernetes-validations": [
+                    BOUNDED_DURATION,
+                    {
+                        "rule": "duration(self) >= duration('10s')",
+                        "message": "must be at least 10s",
+                    },
+                ],
+                "description": "A grant this policy covers with no call for this long ends "
+                "(Expired, IdleTimeout). Calls are seen by the operator's authorization "
+                "webhook or the API server's audit events (docs/authorization-webhook.md); "
+                "without either, a grant ends this long after it was issued.",
             },
             "maxTTL": {
                 "type": "string",

@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 SCHEMA_VERSION = 1
+#: More uses than this in one task's text timeline are shown as counts per call.
+AGGREGATE_ABOVE = 20
 log = logging.getLogger(__name__)
 
 
@@ -117,6 +119,7 @@ class AuditLog:
 _EVENT_OF_REASON = {
     "PolicyAllowed": "granted",
     "TTLExpired": "expired",
+    "IdleTimeout": "expired",
     "TaskDeleted": "deleted",
 }
 _DENIALS = {
@@ -263,6 +266,10 @@ def timeline(
             }
         )
     for line in lines:
+        if line.get("event") == "used":  # a call of the per-task identity: kept whole
+            use = {k: v for k, v in line.items() if k not in ("source", "schemaVersion", "task")}
+            entries.append({**use, "source": "use", "via": line.get("source")})
+            continue
         entries.append(
             {
                 "time": line.get("time"),
@@ -274,7 +281,7 @@ def timeline(
                 "policies": line.get("policies") or None,
             }
         )
-    rank = {"status": 0, "event": 1, "audit": 2}
+    rank = {"status": 0, "event": 1, "audit": 2, "use": 3}
     entries.sort(key=lambda e: (_sortable(e["time"]), rank[e["source"]]))
     return {
         "task": header,
@@ -304,7 +311,18 @@ def render_text(paths: Sequence[Mapping[str, Any]]) -> str:
             f"  now:    {t['phase'] or 'unknown'}"
             + (f" ({t['reason']})" if t.get("reason") else "")
         )
+        uses = [e for e in path["timeline"] if e["source"] == "use"]
+        many = len(uses) > AGGREGATE_ABOVE
         for e in path["timeline"]:
+            if e["source"] == "use":
+                if not many:
+                    out.append(
+                        f"  {safe(e.get('time') or '')[:19]:<19}  used      "
+                        f"{safe(e.get('via')):<6} "
+                        f"{safe(e.get('decision')):<17} {safe(what(e))}"
+                        + (f"  ({safe(e.get('reason'))})" if e.get("reason") else "")
+                    )
+                continue
             reason = safe(e.get("reason") or "")
             source = e["source"]
             if source == "event" and not e.get("verified"):
@@ -313,6 +331,13 @@ def render_text(paths: Sequence[Mapping[str, Any]]) -> str:
                 f"  {safe(e.get('time') or '')[:19]:<19}  {safe(e['event']):<9} {source:<6} "
                 f"{reason:<17} {safe(e.get('message') or '')}".rstrip()
             )
+        if many:
+            out.append(f"  uses: {len(uses)} calls (counts per call; -o json lists each)")
+            for group in summarize(uses):
+                out.append(
+                    f"  {group['count']:>7}x  {safe(group['call'])}  [{safe(group['decision'])}]"
+                    f"  {safe(group['first'])[:19]} .. {safe(group['last'])[:19]}"
+                )
         if any(e["source"] == "event" and not e.get("verified") for e in path["timeline"]):
             out.append(
                 "  (event? = a Kubernetes Event no audit line confirms: anyone who may create "
@@ -320,3 +345,34 @@ def render_text(paths: Sequence[Mapping[str, Any]]) -> str:
             )
         out.append("")
     return "\n".join(out)
+
+
+def what(line: Mapping[str, Any]) -> str:
+    """`get pods/log in payments`, `get /version`: a call, briefly."""
+    if line.get("path"):
+        return f"{line.get('verb')} {line.get('path')}"
+    resource = str(line.get("resource") or "")
+    if line.get("subresource"):
+        resource += f"/{line['subresource']}"
+    if line.get("apiGroup"):
+        resource += f".{line['apiGroup']}"
+    where = f" in {line['namespace']}" if line.get("namespace") else ""
+    name = f" {line['name']}" if line.get("name") else ""
+    return f"{line.get('verb')} {resource}{name}{where}"
+
+
+def summarize(uses: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Counts per (call, decision), with first and last time."""
+    groups: dict[tuple[str, str], dict[str, Any]] = {}
+    for line in uses:
+        key = (what(line), str(line.get("decision") or ""))
+        time = str(line.get("time") or "")
+        group = groups.get(key)
+        if group is None:
+            groups[key] = {"call": key[0], "decision": key[1], "count": 1,
+                           "first": time, "last": time}  # fmt: skip
+        else:
+            group["count"] += 1
+            group["first"] = min(group["first"], time)
+            group["last"] = max(group["last"], time)
+    return sorted(groups.values(), key=lambda g: (g["first"], g["call"]))

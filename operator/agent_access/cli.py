@@ -126,6 +126,25 @@ def build_parser() -> argparse.ArgumentParser:
         default="cloudevents",
         help="notification body: CloudEvents 1.0 structured JSON (default) or Slack",
     )
+    run.add_argument(
+        "--authz-port",
+        type=int,
+        help="serve the API server's authorization webhook (POST /authorize) and audit "
+        "webhook (POST /audit) over TLS on this port, on every replica "
+        "(docs/authorization-webhook.md)",
+    )
+    run.add_argument("--authz-cert", help="with --authz-port: the serving certificate (PEM)")
+    run.add_argument("--authz-key", help="with --authz-port: its private key (PEM)")
+    run.add_argument(
+        "--authz-client-ca",
+        help="with --authz-port: serve only clients with a certificate from this CA (the "
+        "API server's webhook client certificate)",
+    )
+    run.add_argument(
+        "--authz-host",
+        default="0.0.0.0",
+        help="address the webhook listens on (default 0.0.0.0)",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     check = sub.add_parser(
         "check",
@@ -157,6 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("-n", "--namespace", default="default", help="the tasks' namespace")
     audit.add_argument("--agent", help="every task of this agent (ServiceAccount) instead")
     audit.add_argument("--audit-file", help="audit lines written by `run --audit-file`")
+    audit.add_argument(
+        "--apiserver-log",
+        help="the API server's audit log (audit.k8s.io/v1 JSON lines): each call of the "
+        "task's per-task identity is shown as a use",
+    )
     audit.add_argument(
         "--no-cluster", action="store_true", help="read only the audit file, not the cluster"
     )
@@ -229,6 +253,11 @@ def audit_command(args: argparse.Namespace) -> int:
     for uid in dict.fromkeys(line["task"]["uid"] for line in lines):
         if uid not in uids:
             uids.append(uid)  # deleted from the cluster: the audit file still knows it
+    if args.apiserver_log:
+        lines += _apiserver_uses(args.apiserver_log, tasks, lines)
+    from .uses import prefer_authorizer
+
+    lines = prefer_authorizer(lines)
     by_uid = {t["metadata"]["uid"]: t for t in tasks}
     paths = [
         timeline(
@@ -248,6 +277,45 @@ def audit_command(args: argparse.Namespace) -> int:
     else:
         print(render_text(paths))
     return 0
+
+
+def _apiserver_uses(path: str, tasks: list[dict], lines: list[dict]) -> list[dict]:
+    """`used` lines from the API server's audit log for these tasks' identities."""
+    import json
+
+    from .authz import identity_of
+    from .objects import base_name
+    from .uses import line_of_event
+
+    known: dict[tuple[str, str], dict] = {}
+    for task in tasks:
+        meta = task["metadata"]
+        known[(meta["namespace"], base_name(meta["name"], meta["uid"]))] = {
+            "task": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]},
+            "agent": (task.get("spec") or {}).get("agent"),
+        }
+    for line in lines:  # tasks deleted since: their audit lines name them
+        t = line.get("task") or {}
+        if t.get("uid") and t.get("name"):
+            key = (str(t.get("namespace")), base_name(t["name"], t["uid"]))
+            known.setdefault(key, {"task": dict(t), "agent": line.get("agent")})
+    out = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for raw in f:
+            if ":aat-" not in raw:  # cheap: most of a busy log is other users
+                continue
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                continue
+            user = (event.get("user") or {}).get("username") if isinstance(event, dict) else None
+            who = identity_of(user) if isinstance(user, str) else None
+            if who is None or who not in known:
+                continue
+            used = line_of_event(event, lambda _ns, _name: None)
+            if used is not None:
+                out.append({**used, **known[who]})
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -293,6 +361,12 @@ def run(args: argparse.Namespace) -> int:
     signalled: list[int] = []
 
     notifier = notifier_from(args, metrics)  # a bad secret file stops the start here
+    audit_log = AuditLog(path=args.audit_file, listeners=[notifier] if notifier else [])
+    # Connections for every thread that may call at once (decisions with their
+    # concurrent writes, revocations, watches): a full pool would discard connections
+    # and pay a TLS handshake for each new one.
+    kube = Kube.from_environment(pool_size=4 * args.workers + 16, observer=metrics.api_call)
+    gate, cache = _enforcement_point(args, kube, audit_log, metrics, namespaces)
 
     def stopping() -> bool:
         return bool(signalled)
@@ -308,17 +382,10 @@ def run(args: argparse.Namespace) -> int:
         health.standby.clear()
     # without election the single instance acts: it is the leader (no NoLeader alert)
     metrics.leader.set(1)
-    # Connections for every thread that may call at once (decisions with their
-    # concurrent writes, revocations, watches): a full pool would discard connections
-    # and pay a TLS handshake for each new one.
-    kube = Kube.from_environment(pool_size=4 * args.workers + 16, observer=metrics.api_call)
-    service = Service(
-        kube,
-        AuditLog(path=args.audit_file, listeners=[notifier] if notifier else []),
-        metrics,
-        guardrails,
-        workers=args.workers,
-    )
+    service = Service(kube, audit_log, metrics, guardrails, workers=args.workers, cache=cache)
+    if gate is not None:  # the leader knows revocations before any status says so
+        gate.live, gate.refused = service.live_state, service.recheck_refused
+        service.uses = gate.last_used
     watch = TaskWatch(service, namespaces or None)
     try:
         service.start()
@@ -335,6 +402,8 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(0.2)
         log.info("stopping")
     finally:
+        if gate is not None:
+            gate.drain(2.0)
         health.ready.clear()
         watch.stop()
         # The Lease is still renewed while the work already running finishes; only
@@ -348,6 +417,38 @@ def run(args: argparse.Namespace) -> int:
                 os._exit(1)
             elector.release()
     return 0
+
+
+def _enforcement_point(
+    args: argparse.Namespace, kube: Any, audit_log: Any, metrics: Any, namespaces: list[str]
+) -> tuple[Any, Any]:
+    """With --authz-port: the gate and its webhook server, started now (standbys answer
+    too), and the facts cache the grant service will share. Else (None, None)."""
+    if not args.authz_port:
+        if args.authz_cert or args.authz_key or args.authz_client_ca:
+            raise SystemExit("--authz-cert, --authz-key and --authz-client-ca need --authz-port")
+        return None, None
+    if not (args.authz_cert and args.authz_key):
+        raise SystemExit("--authz-port needs --authz-cert and --authz-key")
+    from .authz_server import AuthzServer
+    from .facts import Cache
+    from .gate import Gate
+
+    cache = Cache(kube)
+    gate = Gate(kube, cache, audit_log, namespaces=namespaces or None)
+    try:
+        server = AuthzServer(
+            gate, args.authz_port, args.authz_cert, args.authz_key, args.authz_client_ca,
+            args.authz_host, metrics,
+        )  # fmt: skip
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--authz-cert/--authz-key/--authz-client-ca: {exc}") from None
+    gate.start(own_cache=True)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
+    return gate, cache
 
 
 def notifier_from(args: argparse.Namespace, metrics: Any) -> Any:

@@ -336,6 +336,11 @@ class Policy:
     max_active: int | None = None
     #: CEL conditions, all of which must hold (see conditions.py).
     conditions: tuple[Condition, ...] = ()
+    #: Rules marked `recheck: true`: a call needing one is re-evaluated at call time by
+    #: the authorization webhook (gate.py).
+    recheck_rules: tuple[Rule, ...] = ()
+    #: A grant with no call for this long ends (Expired / IdleTimeout).
+    idle_timeout: timedelta | None = None
     #: Why the policy matches nothing (a condition or pattern that does not
     #: compile, a malformed spec): (reason, message), reported as Ready=False.
     problem: tuple[str, str] | None = None
@@ -444,6 +449,13 @@ def _parse_policy(body: Mapping[str, Any]) -> Policy:
     except DurationError as exc:
         raise SpecError(f"spec.maxTTL: {exc}") from None
     rules = parse_rules(spec.get("rules"))
+    recheck = _recheck_rules(spec.get("rules"), rules)
+    idle_timeout = None
+    if spec.get("idleTimeout") is not None:
+        try:
+            idle_timeout = parse_duration(spec["idleTimeout"])
+        except DurationError as exc:
+            raise SpecError(f"spec.idleTimeout: {exc}") from None
     presets = _presets(spec.get("presets"))
     max_active = spec.get("maxActiveTasks")
     if max_active is not None and (
@@ -486,11 +498,27 @@ def _parse_policy(body: Mapping[str, Any]) -> Policy:
         intent_pattern=pattern or None,
         max_active=max_active,
         conditions=conditions,
+        recheck_rules=recheck,
+        idle_timeout=idle_timeout,
         problem=problem,
         generation=_int(meta.get("generation")),
         uid=str(meta.get("uid") or ""),
         shown=shown_ready(body),
     )
+
+
+def _recheck_rules(raw: Any, rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+    """The parsed rules whose source carries `recheck: true` (anything else: not)."""
+    if not isinstance(raw, list | tuple):
+        return ()
+    marked = []
+    for source, rule in zip(raw, rules, strict=False):
+        flag = source.get("recheck") if isinstance(source, Mapping) else None
+        if flag is not None and not isinstance(flag, bool):
+            raise SpecError("spec.rules[].recheck must be true or false")
+        if flag:
+            marked.append(rule)
+    return tuple(marked)
 
 
 def _presets(raw: Any) -> dict[str, tuple[Rule, ...]]:

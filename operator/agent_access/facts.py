@@ -174,6 +174,7 @@ class Cache:
         self.on_service_account: OnChange | None = None
         self.on_pod: OnChange | None = None
         self.on_approval: OnChange | None = None
+        self._started = False
         self.policies: Informer[Policy] = Informer(
             kube,
             ACCESS_POLICIES,
@@ -221,9 +222,12 @@ class Cache:
         return report
 
     def start(self, timeout: float = 60) -> bool:
-        """Start every watch; wait (up to `timeout`) until each has listed once."""
-        for informer in self.all:
-            informer.start()
+        """Start every watch (once: the enforcement point may have started them before
+        this process led); wait (up to `timeout`) until each has listed once."""
+        if not self._started:
+            self._started = True
+            for informer in self.all:
+                informer.start()
         return wait_synced(self.all, timeout)
 
     def stop(self) -> None:

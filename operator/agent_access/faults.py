@@ -33,3 +33,24 @@ def checkpoint(step: str) -> None:
         sys.stderr.write(f"crash injected after {step}\n")
         sys.stderr.flush()
         os._exit(137)
+
+
+HOLD_ENV = "AGENT_ACCESS_HOLD"
+#: Where a test may pause the operator (AGENT_ACCESS_HOLD=<step>=<seconds>[,...]): to
+#: prove that the enforcement point refuses while a revocation or a re-evaluation has
+#: not run yet.
+HOLD_STEPS = ("revoke:start", "reevaluate:start")
+
+
+def hold(step: str) -> None:
+    raw = os.environ.get(HOLD_ENV)
+    if not raw:
+        return
+    for part in raw.split(","):
+        name, _, seconds = part.partition("=")
+        if name == step:
+            import time
+
+            sys.stderr.write(f"holding {step} for {seconds} s\n")
+            sys.stderr.flush()
+            time.sleep(float(seconds or 0))

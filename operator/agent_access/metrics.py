@@ -25,6 +25,7 @@ from prometheus_client import (
 if TYPE_CHECKING:
     from .runtime import Registry
 
+AUTHZ_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
 
 
@@ -93,6 +94,27 @@ class Metrics:
             registry=r,
         )
 
+        self.authz_calls = Counter(
+            "agentaccess_authz_calls",
+            "Calls of per-task identities the authorization webhook answered, by decision "
+            "(deny, no-opinion: RBAC decides, overloaded: denied without evaluation)",
+            ["decision"],
+            registry=r,
+        )
+        self.authz_latency = Histogram(
+            "agentaccess_authz_latency_seconds",
+            "Time to answer one SubjectAccessReview (request read to answer)",
+            buckets=AUTHZ_BUCKETS,
+            registry=r,
+        )
+        self.audit_event_lines = Counter(
+            "agentaccess_audit_events",
+            "API server audit events received on the audit webhook: recorded (use lines "
+            "written) or refused (the use log was full; the API server sends them again)",
+            ["result"],
+            registry=r,
+        )
+
     def bind_registry(self, grants: Registry, clock: Callable[[], datetime]) -> None:
         self.active.set_function(lambda: len(grants))
 
@@ -131,6 +153,14 @@ class Metrics:
 
     def issue_failed(self) -> None:
         self.issue_failures.inc()
+
+    def authz_call(self, decision: str, seconds: float | None) -> None:
+        self.authz_calls.labels(decision=decision).inc()
+        if seconds is not None:
+            self.authz_latency.observe(seconds)
+
+    def audit_events(self, result: str, count: int) -> None:
+        self.audit_event_lines.labels(result=result).inc(count)
 
     def api_call(self, verb: str, resource: str, code: int, seconds: float) -> None:
         self.api_requests.labels(verb=verb, resource=resource, code=str(code)).inc()

@@ -101,6 +101,7 @@ class Reason(StrEnum):
     # Expired / Completed / Cancelled
     TTL_EXPIRED = "TTLExpired"
     APPROVAL_TIMEOUT = "ApprovalTimeout"
+    IDLE_TIMEOUT = "IdleTimeout"
     POD_SUCCEEDED = "PodSucceeded"
     POD_FAILED = "PodFailed"
     CANCELLED = "Cancelled"
@@ -120,6 +121,7 @@ class Reason(StrEnum):
 END_PHASE: dict[Reason, Phase] = {
     Reason.TTL_EXPIRED: Phase.EXPIRED,
     Reason.APPROVAL_TIMEOUT: Phase.EXPIRED,
+    Reason.IDLE_TIMEOUT: Phase.EXPIRED,
     Reason.POD_SUCCEEDED: Phase.COMPLETED,
     Reason.POD_FAILED: Phase.COMPLETED,
     Reason.CANCELLED: Phase.CANCELLED,

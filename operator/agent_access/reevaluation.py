@@ -25,6 +25,7 @@ from typing import Any
 from . import status as st
 from .engine import Denied, PodFacts, Policy, TaskSpec, condition_context, reassess
 from .facts import SUSPENDED, AgentFacts, Cache
+from .faults import hold
 from .informers import Key
 from .issuance import _stub
 from .kube import SERVICE_ACCOUNTS, KubeError
@@ -229,6 +230,7 @@ class Reevaluation(Staging):
                 self.deadlines.schedule(grant.uid, self.clock() + RETRY_DELAY)
 
     def _reevaluate_now(self, grants: list[LiveGrant]) -> None:
+        hold("reevaluate:start")
         targets = sorted({g.namespace for grant in grants for g in grant.grants})
         few = targets if len(targets) <= 3 or self.facts.cache_ready() else None
         policies, namespaces = self.facts.policies(few), self.facts.namespaces(few)

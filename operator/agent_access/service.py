@@ -37,7 +37,8 @@ from .engine import (
 )
 from .explain import Explainer
 from .facts import Cache, Facts
-from .faults import checkpoint
+from .faults import checkpoint, hold
+from .idle import Idle
 from .issuance import _requested, _requester, _stub
 from .kube import AGENT_TASKS, Kube, KubeError, NotFound
 from .limits import Limits
@@ -48,7 +49,7 @@ from .model import (
 )
 from .owned import Owned
 from .policy_status import PolicyStatus
-from .reevaluation import RETRY_DELAY, Reevaluation, pod_end_reason
+from .reevaluation import RETRY_DELAY, pod_end_reason
 from .rules import DEFAULT_GUARDRAILS, Guardrails
 from .runtime import (
     Deadlines,
@@ -73,7 +74,7 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class Service(Reevaluation):
+class Service(Idle):
     def __init__(
         self,
         kube: Kube,
@@ -82,6 +83,7 @@ class Service(Reevaluation):
         guardrails: Guardrails = DEFAULT_GUARDRAILS,
         clock: Callable[[], datetime] = _utcnow,
         workers: int = 16,
+        cache: Cache | None = None,
     ):
         self.kube = kube
         self.audit = audit_log
@@ -107,7 +109,9 @@ class Service(Reevaluation):
         self._dirty_all = False
         self._dirty_queued = False
         self._dirty_lock = threading.Lock()
-        self.cache = Cache(kube)
+        #: The watches behind the facts; shared with the enforcement point when it runs
+        #: (it started them before this process led).
+        self.cache = cache or Cache(kube)
         self.cache.on_policy = self._policy_event
         self.cache.on_namespace = self._namespace_event
         self.cache.on_service_account = self._service_account_event
@@ -371,6 +375,7 @@ class Service(Reevaluation):
         denied ends Denied, with the stage's reason)."""
         triggered_at = triggered_at or self.clock()
         phase = phase or st.END_PHASE[reason]
+        hold("revoke:start")
         with self.registry.lock(grant.uid):
             current = self.registry.get(grant.uid)
             if current is None:
@@ -392,7 +397,7 @@ class Service(Reevaluation):
         now = self.clock()
         self.metrics.revoked(reason, (bindings_gone - triggered_at).total_seconds())
         stub = _stub(grant, generation)
-        event = "expired" if reason == Reason.TTL_EXPIRED else "revoked"
+        event = "expired" if reason in (Reason.TTL_EXPIRED, Reason.IDLE_TIMEOUT) else "revoked"
         self.audit.write(
             audit.record(
                 "denied" if phase == Phase.DENIED else event,
@@ -442,7 +447,11 @@ class Service(Reevaluation):
     # -- triggers ------------------------------------------------------------------------------
 
     def schedule_expiry(self, uid: str, expires_at: datetime) -> None:
-        self.deadlines.schedule(uid, expires_at - EXPIRY_LEAD)
+        """The grant's timer: at expiresAt, or at its idle deadline if that is earlier."""
+        when = expires_at - EXPIRY_LEAD
+        grant = self.registry.get(uid)
+        due = self.idle_due(grant) if grant is not None else None
+        self.deadlines.schedule(uid, min(when, due) if due is not None else when)
 
     def on_deadline(self, uid: str) -> None:
         grant = self.registry.get(uid)
@@ -471,6 +480,8 @@ class Service(Reevaluation):
                     self._ttl_message(grant),
                     triggered_at=grant.expires_at,
                 )
+        elif self.end_if_idle(grant):
+            pass
         elif uid in self._pending_recheck:
             self._pending_recheck.discard(uid)
             self.schedule_expiry(uid, grant.expires_at or self.clock())

@@ -1,0 +1,397 @@
+"""The enforcement point: every call of a per-task identity, decided from memory.
+
+`Gate` answers the API server's SubjectAccessReviews (authz_server.py carries them)
+and turns its audit events into the use log. Everything it reads is watch-fed and
+in memory, so no request waits on the API server:
+
+- an AgentTask watch of its own (the spec, and the status only the operator
+  writes), indexed by per-task identity;
+- the facts cache (facts.py): policies, namespaces, agents, pods; on the leader
+  the very cache its grant service uses, on a standby one of the gate's own;
+- on the leader, the registry of live grants (`live`): a revocation is known here
+  the moment it starts, before any object or status changes.
+
+Leader and standbys answer alike; a standby's view lags the leader's by one watch
+event (milliseconds): a cancel, a deletion, a suspension, a pod's end or a policy
+change is seen by every replica from the same watch event that tells the leader.
+
+Each call is one `used` audit line (written by a thread of its own from a bounded
+queue: when the queue is full the call is denied, so no call goes unrecorded) and
+updates the identity's last use, which idle timeouts count from. Replicas record
+the last use in the task's status (`lastUsedAt`) for tasks under an idleTimeout,
+at most every IDLE_FLUSH_MIN seconds (or a quarter of the timeout), so the leader
+sees calls a standby answered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from .audit import AuditLog
+from .authz import (
+    Call,
+    TaskEntry,
+    entry_of,
+    inactive,
+    needs_recheck,
+    parse_review,
+    recheck_rules,
+    response,
+)
+from .engine import Denied, Policy, condition_context, reassess, resolve_presets
+from .facts import Cache, agent_object, suspension
+from .informers import SKIP, Informer, Key
+from .kube import AGENT_TASKS, Kube, KubeError
+from .model import Reason
+from .reevaluation import pod_end_reason
+from .rules import Rule
+from .uses import events_of, line_of_event, used_line
+
+log = logging.getLogger(__name__)
+
+#: Use lines waiting to be written; a call that finds the queue full is denied.
+LINE_QUEUE = 20_000
+#: A replica records a task's last use in its status at most this often (seconds)...
+IDLE_FLUSH_MIN = 5.0
+#: ... or every idleTimeout / IDLE_FLUSH_PARTS, whichever is longer.
+IDLE_FLUSH_PARTS = 4
+#: A recheck that failed asks the leader to re-evaluate the task at most this often.
+REVOKE_ASK_EVERY = 1.0
+
+
+class Gate:
+    def __init__(
+        self,
+        kube: Kube,
+        cache: Cache,
+        audit: AuditLog,
+        clock: Callable[[], float] = time.time,
+        namespaces: Sequence[str] | None = None,
+    ):
+        self.kube = kube
+        self.cache = cache
+        self.audit = audit
+        self.clock = clock
+        #: The leader's knowledge of a task's grant (True live, False ended, None: not
+        #: known here) and how to ask it to re-evaluate a grant a recheck refused; unset
+        #: on standbys.
+        self.live: Callable[[str], bool | None] | None = None
+        self.refused: Callable[[str], None] | None = None
+        #: AgentTasks by namespace ("": every namespace), as the operator watches them.
+        self._watches: dict[str, Informer[TaskEntry]] = {
+            ns or "": Informer(
+                kube,
+                AGENT_TASKS,
+                self._entry,
+                self._task_changed,
+                name=f"agenttasks-authz/{ns}" if ns else "agenttasks-authz",
+                namespace=ns,
+            )
+            for ns in ([*namespaces] if namespaces else [None])
+        }
+        #: (namespace, identity) -> (namespace, task name); checked on every lookup.
+        self._by_identity: dict[Key, Key] = {}
+        #: uid -> (namespace, task name)
+        self._by_uid: dict[str, Key] = {}
+        #: uid -> the `recheck` rules of its policies when this replica first saw it Active
+        #: (a policy that drops or loses them later still gets the call re-checked).
+        self._captured: dict[str, tuple[tuple[str, Rule], ...]] = {}
+        #: uid -> the last call seen here (epoch seconds), and what was last recorded.
+        self._last_used: dict[str, float] = {}
+        self._flushed: dict[str, float] = {}
+        self._asked: dict[str, float] = {}
+        self._lines: queue.Queue[dict[str, Any]] = queue.Queue(LINE_QUEUE)
+        self._stop = threading.Event()
+        self._started = False
+        self._own_cache = False
+
+    # -- running ------------------------------------------------------------------------
+
+    def start(self, own_cache: bool) -> None:
+        """Start the task watch, the line writer and the status flusher; `own_cache`:
+        start the facts cache too (a standby: no grant service runs it)."""
+        if self._started:
+            return
+        self._started = True
+        self._own_cache = own_cache
+        if own_cache:
+            threading.Thread(target=self.cache.start, name="facts-start", daemon=True).start()
+        for watch in self._watches.values():
+            watch.start()
+        threading.Thread(target=self._write_lines, name="use-log", daemon=True).start()
+        threading.Thread(target=self._flush_loop, name="last-use", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for watch in self._watches.values():
+            watch.stop()
+        if self._own_cache:
+            self.cache.stop()
+
+    def ready(self) -> bool:
+        return all(w.synced.is_set() for w in self._watches.values()) and all(
+            i.synced.is_set() for i in self.cache.all
+        )
+
+    def _task(self, key: Key) -> TaskEntry | None:
+        watch = self._watches.get("") or self._watches.get(key[0])
+        return watch.get(*key) if watch is not None else None
+
+    # -- the task watch (watch thread) --------------------------------------------------
+
+    def _entry(self, task: Mapping[str, Any]) -> TaskEntry | Any:
+        entry = entry_of(task)
+        if entry is None:
+            return SKIP
+        self._by_identity[(entry.namespace, entry.identity)] = (entry.namespace, entry.name)
+        self._by_uid[entry.uid] = (entry.namespace, entry.name)
+        if entry.phase == "Active" and entry.uid not in self._captured:
+            self._captured[entry.uid] = self._recheck_of(entry)
+        return entry
+
+    def _recheck_of(self, entry: TaskEntry) -> tuple[tuple[str, Rule], ...]:
+        if entry.spec is None:
+            return ()
+        out = []
+        for ns in entry.spec.target_namespaces:
+            labels = self.cache.namespaces.get(None, ns)
+            for rule in recheck_rules(self._policies(ns), ns, labels):
+                out.append((ns, rule))
+        return tuple(out)
+
+    def _task_changed(self, kind: str, key: Key, old: Any, new: Any) -> None:
+        if new is None and isinstance(old, TaskEntry):
+            if self._by_identity.get((old.namespace, old.identity)) == key:
+                del self._by_identity[(old.namespace, old.identity)]
+            if self._by_uid.get(old.uid) == key:
+                del self._by_uid[old.uid]
+            for table in (self._captured, self._last_used, self._flushed, self._asked):
+                table.pop(old.uid, None)
+
+    def entry(self, namespace: str, identity: str) -> TaskEntry | None:
+        key = self._by_identity.get((namespace, identity))
+        found = self._task(key) if key else None
+        if found is None or found.identity != identity:
+            return None
+        return found
+
+    # -- facts (memory only) ------------------------------------------------------------
+
+    def _policies(self, namespace: str) -> list[Policy]:
+        return [*self.cache.policies.in_namespace(namespace), *self.cache.cluster_policies.values()]
+
+    def _outside(self, entry: TaskEntry, live_pod_uid: str | None) -> str | None:
+        """A suspension, a deleted agent, a pod that ended: from the watches."""
+        cache = self.cache
+        agent = cache.service_accounts.get(entry.namespace, entry.agent)
+        why = suspension(
+            entry.namespace, entry.agent, agent, cache.namespaces.get(None, entry.namespace)
+        )
+        if why:
+            return why
+        if agent is None:
+            return f"agent ServiceAccount {entry.namespace}/{entry.agent} does not exist"
+        if entry.pod_name:
+            reason = pod_end_reason(cache.pods.get(entry.namespace, entry.pod_name), live_pod_uid)
+            if reason is not None:
+                return f"pod {entry.pod_name} ended ({reason})"
+        return None
+
+    def _recheck(self, entry: TaskEntry, call: Call, now: float) -> Denied | None:
+        """The live re-evaluation of a call that needs a `recheck: true` rule: the task's
+        access is still covered by the policies as they are now, conditions included."""
+        spec = entry.spec
+        if spec is None:
+            return Denied(Reason.POLICY_CHANGED, "the task's spec cannot be read")
+        targets = spec.target_namespaces
+        policies = [p for ns in set(targets) for p in self.cache.policies.in_namespace(ns)]
+        policies += self.cache.cluster_policies.values()
+        namespaces = {n: labels for n in targets
+                      if (labels := self.cache.namespaces.get(None, n)) is not None}  # fmt: skip
+        resolved = resolve_presets(spec, policies, namespaces)
+        if isinstance(resolved, Denied):
+            return resolved
+        moment = datetime.fromtimestamp(now, UTC)
+        context = None
+        if any(p.conditions for p in policies):
+            agent = self.cache.service_accounts.get(spec.namespace, spec.agent)
+            pod = self.cache.pods.get(spec.namespace, spec.pod_name) if spec.pod_name else None
+            context = condition_context(
+                resolved, policies, agent_object(spec.namespace, spec.agent, agent),
+                pod.as_object(spec.namespace) if pod else None, moment,
+            )  # fmt: skip
+        verdict = reassess(resolved, policies, namespaces, entry.policies, context)
+        return verdict if isinstance(verdict, Denied) else None
+
+    # -- a review (the server's event loop: memory only) -------------------------------
+
+    def review(self, body: Any) -> dict[str, Any]:
+        """Answer one SubjectAccessReview. Raises ReviewError for a malformed one."""
+        started = time.perf_counter()
+        version, call = parse_review(body)
+        if call is None:  # not a per-task identity: the configuration sends none
+            return response(version, False, "")
+        now = self.clock()
+        entry = self.entry(call.home, call.identity)
+        why, refused = self._decide(call, entry, now)
+        denied = why is not None
+        latency = (time.perf_counter() - started) * 1000
+        line = used_line(
+            call, entry, "deny" if denied else "no-opinion", why or "",
+            datetime.fromtimestamp(now, UTC), latency,
+        )  # fmt: skip
+        try:
+            self._lines.put_nowait(line)
+        except queue.Full:  # a call that cannot be recorded is not allowed
+            denied, why = True, "the use log is full: calls are refused until it drains"
+        if entry is not None:
+            self._last_used[entry.uid] = now
+        asked = self._asked.get(refused or "", 0.0)
+        if refused is not None and self.refused is not None and now - asked >= REVOKE_ASK_EVERY:
+            self._asked[refused] = now
+            self.refused(refused)
+        return response(version, denied, why or "")
+
+    def _decide(
+        self, call: Call, entry: TaskEntry | None, now: float
+    ) -> tuple[str | None, str | None]:
+        """(why the call is denied or None, the task to revoke or None)."""
+        if not self.ready():
+            return "the authorizer is starting: per-task identities are refused until it has "\
+                   "listed the cluster", None  # fmt: skip
+        live = self.live(entry.uid) if (self.live is not None and entry is not None) else None
+        why = inactive(entry, now, live)
+        if why is not None or entry is None:
+            return why, None
+        why = self._outside(entry, None)
+        if why is not None:
+            return why, None
+        if entry.spec is None or call.namespace not in entry.spec.target_namespaces:
+            return None, None  # RBAC refuses it: no grant there
+        labels = self.cache.namespaces.get(None, call.namespace)
+        rules = [r for ns, r in self._captured.get(entry.uid, ()) if ns == call.namespace]
+        rules += recheck_rules(self._policies(call.namespace), call.namespace, labels)
+        if not needs_recheck(call, rules):
+            return None, None
+        try:
+            denied = self._recheck(entry, call, now)
+        except Exception:  # fail closed: a re-check that cannot run refuses
+            log.exception("re-checking a call of %s failed", entry.ref)
+            return f"re-check of AgentTask {entry.ref} could not run", entry.uid
+        if denied is None:
+            return None, None
+        return f"re-check failed: {denied.message}", entry.uid
+
+    # -- audit events (the API server's, from its audit webhook backend) -------------------
+
+    def audit_events(self, body: Any) -> int:
+        """Turn an EventList into use lines; the number of lines. Raises queue.Full
+        when the use log cannot take them (the API server sends them again)."""
+        lines = []
+        for event in events_of(body):
+            line = line_of_event(event, self.entry)
+            if line is None:
+                continue
+            lines.append(line)
+            task = line.get("task")
+            if task:
+                moment = _epoch(line["time"])
+                if moment is not None and moment > self._last_used.get(task["uid"], 0.0):
+                    self._last_used[task["uid"]] = moment
+        if self._lines.maxsize - self._lines.qsize() < len(lines):
+            raise queue.Full
+        for line in lines:
+            self._lines.put_nowait(line)
+        return len(lines)
+
+    # -- last use -------------------------------------------------------------------------
+
+    def last_used(self, uid: str) -> float | None:
+        """The last call of the task's identity any replica saw (as far as known here:
+        this replica's calls and audit events, and status.lastUsedAt)."""
+        entry = self._entry_by_uid(uid)
+        recorded = entry.last_used if entry is not None else None
+        mine = self._last_used.get(uid)
+        return max((t for t in (mine, recorded) if t is not None), default=None)
+
+    def idle_timeout(self, entry: TaskEntry) -> float | None:
+        """The shortest idleTimeout of the policies the grant rests on (seconds)."""
+        keys = set(entry.policies)
+        found = [
+            p.idle_timeout.total_seconds()
+            for ns in (entry.spec.target_namespaces if entry.spec else ())
+            for p in self._policies(ns)
+            if p.idle_timeout is not None and p.key in keys
+        ]
+        return min(found, default=None)
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                self.flush()
+            except Exception:
+                log.exception("recording last uses failed")
+
+    def flush(self) -> None:
+        """Record in status.lastUsedAt the last use of tasks under an idleTimeout."""
+        now = self.clock()
+        for uid, used in list(self._last_used.items()):
+            if used <= self._flushed.get(uid, 0.0):
+                continue
+            entry = self._entry_by_uid(uid)
+            if entry is None or entry.phase != "Active":
+                continue
+            idle = self.idle_timeout(entry)
+            if idle is None:
+                continue
+            every = max(IDLE_FLUSH_MIN, idle / IDLE_FLUSH_PARTS)
+            if now - self._flushed.get(uid, 0.0) < every:
+                continue
+            self._flushed[uid] = used
+            stamp = datetime.fromtimestamp(used, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+            with contextlib.suppress(KubeError):
+                self.kube.json_patch(
+                    AGENT_TASKS, entry.namespace, entry.name,
+                    [{"op": "test", "path": "/metadata/uid", "value": uid},
+                     {"op": "add", "path": "/status/lastUsedAt", "value": stamp}],
+                    "status",
+                )  # fmt: skip
+
+    def _entry_by_uid(self, uid: str) -> TaskEntry | None:
+        key = self._by_uid.get(uid)
+        found = self._task(key) if key else None
+        return found if found is not None and found.uid == uid else None
+
+    # -- output ---------------------------------------------------------------------------
+
+    def _write_lines(self) -> None:
+        while not self._stop.is_set():
+            try:
+                line = self._lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            try:
+                self.audit.write(line)
+            except Exception:
+                log.exception("writing a use line failed")
+
+    def drain(self, timeout: float = 5.0) -> bool:
+        """Wait until every queued line is written (tests, shutdown)."""
+        end = time.monotonic() + timeout
+        while not self._lines.empty() and time.monotonic() < end:
+            time.sleep(0.01)
+        return self._lines.empty()
+
+
+def _epoch(text: str) -> float | None:
+    try:
+        return datetime.strptime(text[:26], "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        return None
