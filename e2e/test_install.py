@@ -168,6 +168,7 @@ VALUE_SETS = {
     ],
     "no-admission-policies": ["--set", "admissionPolicies.enabled=false"],
     "monitoring": [*CHART_SETS["monitoring"], "--set", "networkPolicy.enabled=true"],
+    "authz-webhook": CHART_SETS["authz-webhook"],
 }
 
 

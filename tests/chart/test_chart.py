@@ -71,6 +71,16 @@ VALUE_SETS = {
         "--set",
         "networkPolicy.notificationEgress[0].ports[0].port=443",
     ],
+    "authz-webhook": [
+        "--set",
+        "authorizationWebhook.enabled=true",
+        "--set",
+        "authorizationWebhook.certificate.source=chart",
+        "--set",
+        "authorizationWebhook.clientCASecret=apiserver-webhook-client-ca",
+        "--set",
+        "networkPolicy.enabled=true",
+    ],
     "monitoring": [
         "--set",
         "metrics.serviceMonitor.enabled=true",
@@ -203,6 +213,24 @@ def test_replicas_spread_and_the_pdb_never_blocks_drains():
             "needs networkPolicy.notificationEgress",
         ),
         (["--set", "notifications.secretName=s"], "signs nothing"),
+        (
+            [
+                "--set",
+                "authorizationWebhook.enabled=true",
+                "--set",
+                "authorizationWebhook.certificate.source=secret",
+            ],
+            "needs authorizationWebhook.certificate.secretName",
+        ),
+        (
+            [
+                "--set",
+                "authorizationWebhook.enabled=true",
+                "--set",
+                "authorizationWebhook.certificate.source=cert-manager",
+            ],
+            "cert-manager.io/v1 is not served",
+        ),
         (["--set", "notifications.urls={ftp://a.example}"], "/notifications/urls/0"),
     ],
 )
@@ -249,6 +277,43 @@ def test_notifications_pass_urls_format_and_the_signing_key_as_a_file():
         "containers"
     ][0]["args"]
     assert not [a for a in args if a.startswith("--notify")]
+
+
+def test_the_authorization_webhook_is_served_with_its_certificate_and_client_ca():
+    rendered = docs(render(*VALUE_SETS["authz-webhook"]))
+    deploy = next(d for d in rendered if d["kind"] == "Deployment")
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert "--authz-port=8443" in args
+    assert "--authz-cert=/etc/agent-access/authz/tls.crt" in args
+    assert "--authz-client-ca=/etc/agent-access/authz-client-ca/ca.crt" in args
+    assert {"name": "authz", "containerPort": 8443, "protocol": "TCP"} in container["ports"]
+    service = next(
+        d for d in rendered if d["kind"] == "Service" and "authz" in d["metadata"]["name"]
+    )
+    assert service["spec"]["ports"][0]["targetPort"] == "authz"
+    secret = next(d for d in rendered if d["kind"] == "Secret")
+    assert secret["type"] == "kubernetes.io/tls"
+    assert set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt"}
+    import base64
+
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(base64.b64decode(secret["data"]["tls.crt"]))
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "agent-access-operator-authz.agent-access-system.svc" in names.get_values_for_type(
+        x509.DNSName
+    )
+    policy = next(d for d in rendered if d["kind"] == "NetworkPolicy")
+    assert {"port": "authz", "protocol": "TCP"} in [p for r in policy["spec"]["ingress"]
+                                                    for p in r["ports"]]  # fmt: skip
+    # with cert-manager served by the cluster: a Certificate (and a self-signed Issuer)
+    managed = docs(render("--set", "authorizationWebhook.enabled=true",
+                          "--api-versions", "cert-manager.io/v1"))  # fmt: skip
+    kinds = {d["kind"] for d in managed}
+    assert {"Certificate", "Issuer"} <= kinds and "Secret" not in kinds
+    # nothing of it by default
+    assert not [d for d in docs(render()) if "authz" in d["metadata"]["name"]]
 
 
 def test_grant_namespaces_use_rolebindings_and_flags():

@@ -64,7 +64,32 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and .Values.notifications.secretName (not .Values.notifications.urls) -}}
 {{- fail "notifications.secretName without notifications.urls signs nothing: set the URLs too" -}}
 {{- end -}}
+{{- if and .Values.authorizationWebhook.enabled (eq .Values.authorizationWebhook.certificate.source "secret") (not .Values.authorizationWebhook.certificate.secretName) -}}
+{{- fail "authorizationWebhook.certificate.source=secret needs authorizationWebhook.certificate.secretName (a kubernetes.io/tls Secret in the release namespace)" -}}
+{{- end -}}
+{{- if and .Values.authorizationWebhook.enabled (eq .Values.authorizationWebhook.certificate.source "cert-manager") (not (.Capabilities.APIVersions.Has "cert-manager.io/v1")) -}}
+{{- fail "authorizationWebhook.certificate.source=cert-manager, but cert-manager.io/v1 is not served by this cluster" -}}
+{{- end -}}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) -}}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.service.enabled: the ServiceMonitor scrapes that Service" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Where the webhook's serving certificate comes from: chart, cert-manager or secret
+("auto": cert-manager when the cluster serves it, else chart). */}}
+{{- define "aao.authzCertSource" -}}
+{{- $s := .Values.authorizationWebhook.certificate.source -}}
+{{- if eq $s "auto" -}}
+{{- if .Capabilities.APIVersions.Has "cert-manager.io/v1" }}cert-manager{{ else }}chart{{ end -}}
+{{- else -}}
+{{- $s -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "aao.authzSecretName" -}}
+{{- if eq .Values.authorizationWebhook.certificate.source "secret" -}}
+{{- .Values.authorizationWebhook.certificate.secretName -}}
+{{- else -}}
+{{- printf "%s-authz-tls" (include "aao.fullname" .) -}}
 {{- end -}}
 {{- end -}}
