@@ -79,6 +79,9 @@ TARGETS = [
     ("restart_ready_10000_s", "<=", 30),
     ("churn_cpu_cores", "<=", 0.2),
     ("stage_advance_previous_refused_p99_s", "<=", 0.05),
+    ("authz_added_p99_ms_at_200", "<=", 5.0),
+    ("authz_others_reviews_sent", "<=", 0),
+    ("authz_trigger_refused_p99_max_s", "<=", 0.02),
     # Against a synchronous broker's floor (issue: faster than the fastest peer).
     ("grant_sync_ratio_p50", "<=", 1.0),
     ("grant_sync_ratio_p99", "<=", 1.5),
@@ -1094,16 +1097,29 @@ def write_markdown(result: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def bench_authz(quick: bool) -> dict:
+    from bench.authz import AuthzBench
+
+    authz = AuthzBench(quick)
+    try:
+        return authz.run()
+    finally:
+        authz.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument(
         "--only",
-        choices=["scale", "churn", "big"],
+        choices=["scale", "churn", "big", "authz"],
         help="run one part alone; print its numbers, write nothing",
     )
     parser.add_argument("--tasks", type=int, default=SCALE, help="size of --only scale")
     args = parser.parse_args()
+    if args.only == "authz":
+        print(json.dumps(bench_authz(args.quick), indent=2))
+        return 0
     bench = Bench(args.quick)
     if args.only:
         try:
@@ -1147,6 +1163,8 @@ def main() -> int:
         version = bench.kube.request("GET", "/version")["gitVersion"]
     finally:
         bench.close()
+    print("bench: the authorization webhook (a control plane of its own)", flush=True)
+    authz = bench_authz(args.quick)
     floor_grant = [f[0] for f in floors]
     floor_revoke = [f[1] for f in floors]
     floor_sync = [f[0] for f in syncs]
@@ -1177,6 +1195,7 @@ def main() -> int:
         "scale": scale,
         "churn": churn,
         "big_cluster": big,
+        "authz": authz,
     }
     full_scale = scale if "restart_ready_s" in scale else None
     key = f"_at_{scale['tasks']}" if full_scale else None
@@ -1216,6 +1235,12 @@ def main() -> int:
         "churn_cpu_cores": churn["operator_cpu_cores"] if churn else None,
         "churn_pod_events_per_s": churn["pod_events_per_s"] if churn else None,
         "scale_tasks": scale["tasks"],
+        "authz_added_p50_ms": {r: authz["latency"][r]["added_p50_ms"] for r in authz["latency"]},
+        "authz_added_p99_ms": {r: authz["latency"][r]["added_p99_ms"] for r in authz["latency"]},
+        "authz_added_p99_ms_at_200": authz["latency"]["200"]["added_p99_ms"],
+        "authz_others_reviews_sent": authz["others"]["reviews_sent_to_webhook"],
+        "authz_trigger_refused_p99_s": {t: v["p99"] for t, v in authz["trigger_refused"].items()},
+        "authz_trigger_refused_p99_max_s": max(v["p99"] for v in authz["trigger_refused"].values()),
     }
     del key
     out = ROOT / "bench" / "results"

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 MAX_INFLIGHT = 256
 #: The event loop this far behind (seconds): per-task identities are denied at once.
-OVERLOAD_LAG = 0.25
+OVERLOAD_LAG = 0.1
 REVIEW_MAX_BYTES = 256 * 1024
 AUDIT_MAX_BYTES = 16 * 1024 * 1024
 CERT_CHECK_SECONDS = 30.0

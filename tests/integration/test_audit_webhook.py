@@ -22,7 +22,7 @@ from .cluster import (
     status_code,
     wait_for,
 )
-from .test_authz_webhook import PODS_RULE, authz_args, uses
+from .test_authz_webhook import LINE_SCHEMA, PODS_RULE, authz_args, uses
 
 sys.path.insert(0, str(ROOT / "hack"))
 import controlplane
@@ -58,6 +58,8 @@ def test_audit_events_become_use_lines_and_keep_a_grant_from_idling(audit_kubeco
         assert sorted((u["resource"], u["decision"], u["code"]) for u in lines) == [
             ("pods", "allow", 200)] * 3 + [("secrets", "forbid", 403)]  # fmt: skip
         assert all(u["source"] == "audit" and u["agent"] == "bot" for u in lines)
+        for u in lines:
+            LINE_SCHEMA.validate(u)
         done = world.wait_phase(ns, "watched", "Expired", timeout=20)
         assert done["status"]["reason"] == "IdleTimeout"
     finally:

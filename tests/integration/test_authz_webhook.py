@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from agent_access.kube import (
@@ -42,6 +43,11 @@ from .cluster import (
 sys.path.insert(0, str(ROOT / "hack"))
 import controlplane
 
+#: docs/audit.schema.json: every line the operator writes fits it.
+LINE_SCHEMA = jsonschema.Draft202012Validator(
+    json.loads((ROOT / "docs" / "audit.schema.json").read_text()),
+    format_checker=jsonschema.FormatChecker(),
+)
 #: The webhook unreachable (failurePolicy Deny): the API server refuses with 500, naming
 #: the failure, or 403.
 UNREACHABLE = {403, 500}
@@ -155,6 +161,7 @@ def test_each_call_is_seen_once_with_its_fields(aworld, enforcer):
         assert u["decision"] == "no-opinion" and u["reason"] == ""
         assert u["source"] == "authorizer" and 0 <= u["latencyMs"] < 1000
         assert u["identity"] == f"{ns}/{task['status']['serviceAccountName']}"
+        LINE_SCHEMA.validate(u)
 
 
 def test_nobody_else_waits_on_the_webhook(aworld, enforcer):
