@@ -400,6 +400,12 @@ TASK_STATUS = {
             "(stamped by a MutatingAdmissionPolicy; clients cannot set it).",
         },
         "stage": {"type": "string", "description": "Staged tasks: the current stage."},
+        "credentialHash": {
+            "type": "string",
+            "description": "A hash of the token's credential id (its JTI): lets the "
+            "authorization webhook tell the token's own calls from access reviews others "
+            "make about the identity. Not the token, nor its id.",
+        },
         "lastUsedAt": {
             "type": "string",
             "format": "date-time",

@@ -12,6 +12,9 @@ No I/O here: `gate.py` gathers the facts (watch-fed, in memory) and calls these.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,6 +52,9 @@ class Call:
     name: str = ""
     #: Non-resource requests (discovery, /version, ...): the path.
     path: str = ""
+    #: The API server's id of the credential the request carried ("JTI=<token id>"
+    #: for a ServiceAccount token; empty in a SubjectAccessReview someone created).
+    credential: str = ""
 
     @property
     def key(self) -> tuple[str, str]:
@@ -95,11 +101,13 @@ def parse_review(body: Any) -> tuple[str, Call | None]:
     if who is None:
         return version, None
     res, nonres = spec.get("resourceAttributes"), spec.get("nonResourceAttributes")
+    credential = credential_of(spec.get("extra"))
     if isinstance(res, Mapping):
         return version, Call(
             user=user,
             home=who[0],
             identity=who[1],
+            credential=credential,
             verb=_text(res, "verb"),
             api_group=_text(res, "group"),
             resource=_text(res, "resource"),
@@ -110,9 +118,38 @@ def parse_review(body: Any) -> tuple[str, Call | None]:
     if isinstance(nonres, Mapping):
         return version, Call(
             user=user, home=who[0], identity=who[1], verb=_text(nonres, "verb"),
-            path=_text(nonres, "path"),
+            path=_text(nonres, "path"), credential=credential,
         )  # fmt: skip
     raise ReviewError("neither resourceAttributes nor nonResourceAttributes")
+
+
+#: The user "extra" key under which the API server names the credential of a request.
+CREDENTIAL_ID = "authentication.kubernetes.io/credential-id"
+
+
+def credential_of(extra: Any) -> str:
+    values = extra.get(CREDENTIAL_ID) if isinstance(extra, Mapping) else None
+    if isinstance(values, list) and values and isinstance(values[0], str):
+        return values[0][:256]
+    return ""
+
+
+def credential_hash(credential: str) -> str:
+    """What the task's status records of its token's credential id (not the id itself:
+    whoever reads the status cannot make a review look like the token's)."""
+    return hashlib.sha256(credential.encode()).hexdigest()[:32]
+
+
+def token_credential(token: str) -> str:
+    """ "JTI=<jti>" of a ServiceAccount token (a JWT the operator just received), as the
+    API server names it in a request's user extra; empty if it has none."""
+    try:
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        jti = claims.get("jti") if isinstance(claims, dict) else None
+    except (IndexError, ValueError):
+        return ""
+    return f"JTI={jti}" if isinstance(jti, str) and jti else ""
 
 
 def response(version: str, denied: bool, reason: str) -> dict[str, Any]:
@@ -147,12 +184,23 @@ class TaskEntry:
     policies: tuple[str, ...]
     #: status.lastUsedAt: the last call any replica saw and recorded (epoch seconds).
     last_used: float | None
+    #: status.credentialHash: the hash of the token's credential id ("" when unknown).
+    credential: str
+    #: metadata.resourceVersion (re-check verdicts are kept per version).
+    version: str
     #: The spec (None when unparseable: such a task never had a grant).
     spec: TaskSpec | None
 
     @property
     def ref(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def made(self, call: Call) -> bool:
+        """Was the call made with the task's own token? (A SubjectAccessReview someone
+        created about the identity carries no credential id, or another one.)"""
+        return bool(self.credential and call.credential) and (
+            credential_hash(call.credential) == self.credential
+        )
 
 
 def _epoch(text: Any) -> float | None:
@@ -205,6 +253,8 @@ def entry_of(task: Mapping[str, Any]) -> TaskEntry | None:
         pod_name=str(spec.get("podName") or "") or None,
         policies=tuple(str(p) for p in policies) if isinstance(policies, list) else (),
         last_used=_epoch(status.get("lastUsedAt")),
+        credential=str(status.get("credentialHash") or ""),
+        version=str(meta.get("resourceVersion") or ""),
         spec=parsed,
     )
 

@@ -26,12 +26,13 @@ import queue
 import ssl
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
 
-from .authz import API_VERSION, ReviewError, identity_of, response
-from .gate import Gate
+from .authz import ReviewError
+from .gate import Gate, Pending
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ OVERLOAD_LAG = 0.1
 REVIEW_MAX_BYTES = 256 * 1024
 AUDIT_MAX_BYTES = 16 * 1024 * 1024
 CERT_CHECK_SECONDS = 30.0
+RECHECK_THREADS = 2
 
 
 def tls_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
@@ -78,6 +80,8 @@ class AuthzServer:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        #: Re-checks and audit batches: off the event loop, bounded.
+        self._rechecks = ThreadPoolExecutor(RECHECK_THREADS, thread_name_prefix="authz-recheck")
 
     # -- running ------------------------------------------------------------------------
 
@@ -165,9 +169,19 @@ class AuthzServer:
                 return web.Response(status=400, text="not JSON")
             overloaded = self._inflight > MAX_INFLIGHT or self._lag > OVERLOAD_LAG
             try:
-                answer = self._overloaded(body) if overloaded else self.gate.review(body)
+                found = self.gate.overloaded(body) if overloaded else self.gate.review(body)
             except ReviewError as exc:
+                log.warning("authorization webhook: unreadable review: %s", exc)
+                if self.metrics is not None:
+                    self.metrics.authz_call("malformed", None)
                 return web.Response(status=400, text=str(exc))
+            if isinstance(found, Pending):
+                # a re-check not known yet: computed on a worker thread (once for every
+                # call waiting on the same facts), so other identities keep being
+                # answered meanwhile
+                loop = asyncio.get_running_loop()
+                found = await loop.run_in_executor(self._rechecks, self.gate.finish, found)
+            answer = found
             denied = bool(answer["status"].get("denied"))
             decision = "deny" if denied else "no-opinion"
             if overloaded and denied:
@@ -178,22 +192,13 @@ class AuthzServer:
         finally:
             self._inflight -= 1
 
-    @staticmethod
-    def _overloaded(body: Any) -> dict[str, Any]:
-        spec = body.get("spec") if isinstance(body, dict) else None
-        user = spec.get("user") if isinstance(spec, dict) else None
-        version = body.get("apiVersion") if isinstance(body, dict) else None
-        version = version if isinstance(version, str) else API_VERSION
-        mine = isinstance(user, str) and identity_of(user) is not None
-        return response(version, mine, "authorizer overloaded" if mine else "")
-
     async def _audit(self, request: web.Request) -> web.Response:
-        try:
-            body = json.loads(await request.read())
+        raw = await request.read()
+        loop = asyncio.get_running_loop()
+        try:  # a batch can be megabytes: read off the event loop
+            count = await loop.run_in_executor(self._rechecks, self._audit_batch, raw)
         except ValueError:
             return web.Response(status=400, text="not JSON")
-        try:
-            count = self.gate.audit_events(body)
         except queue.Full:
             if self.metrics is not None:
                 self.metrics.audit_events("refused", 1)
@@ -201,6 +206,9 @@ class AuthzServer:
         if self.metrics is not None:
             self.metrics.audit_events("recorded", count)
         return web.json_response({})
+
+    def _audit_batch(self, raw: bytes) -> int:
+        return self.gate.audit_events(json.loads(raw))
 
     async def _healthz(self, request: web.Request) -> web.Response:
         if self.gate.ready():

@@ -141,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
         "API server's webhook client certificate)",
     )
     run.add_argument(
+        "--authz-allow-any-client",
+        action="store_true",
+        help="with --authz-port and no --authz-client-ca: serve any client (anyone who "
+        "reaches the port can then send reviews and audit events: use lines, idle clocks)",
+    )
+    run.add_argument(
         "--authz-host",
         default="0.0.0.0",
         help="address the webhook listens on (default 0.0.0.0)",
@@ -283,7 +289,6 @@ def _apiserver_uses(path: str, tasks: list[dict], lines: list[dict]) -> list[dic
     """`used` lines from the API server's audit log for these tasks' identities."""
     import json
 
-    from .authz import identity_of
     from .objects import base_name
     from .uses import line_of_event
 
@@ -308,13 +313,12 @@ def _apiserver_uses(path: str, tasks: list[dict], lines: list[dict]) -> list[dic
                 event = json.loads(raw)
             except ValueError:
                 continue
-            user = (event.get("user") or {}).get("username") if isinstance(event, dict) else None
-            who = identity_of(user) if isinstance(user, str) else None
-            if who is None or who not in known:
-                continue
             used = line_of_event(event, lambda _ns, _name: None)
-            if used is not None:
-                out.append({**used, **known[who]})
+            if used is None:
+                continue
+            home, _, name = str(used["identity"]).partition("/")
+            if (home, name) in known:
+                out.append({**used, **known[(home, name)]})
     return out
 
 
@@ -367,6 +371,8 @@ def run(args: argparse.Namespace) -> int:
     # and pay a TLS handshake for each new one.
     kube = Kube.from_environment(pool_size=4 * args.workers + 16, observer=metrics.api_call)
     gate, cache = _enforcement_point(args, kube, audit_log, metrics, namespaces)
+    if gate is not None:  # a replica answers reviews only once its watches have listed
+        health.also.append(gate.ready)
 
     def stopping() -> bool:
         return bool(signalled)
@@ -385,6 +391,7 @@ def run(args: argparse.Namespace) -> int:
     service = Service(kube, audit_log, metrics, guardrails, workers=args.workers, cache=cache)
     if gate is not None:  # the leader knows revocations before any status says so
         gate.live, gate.refused = service.live_state, service.recheck_refused
+        gate.grant_spec = service.granted_spec
         service.uses = gate.last_used
     watch = TaskWatch(service, namespaces or None)
     try:
@@ -430,6 +437,11 @@ def _enforcement_point(
         return None, None
     if not (args.authz_cert and args.authz_key):
         raise SystemExit("--authz-port needs --authz-cert and --authz-key")
+    if not args.authz_client_ca and not args.authz_allow_any_client:
+        raise SystemExit(
+            "--authz-port needs --authz-client-ca (the CA of the API server's client "
+            "certificate), or --authz-allow-any-client to serve anyone who reaches the port"
+        )
     from .authz_server import AuthzServer
     from .facts import Cache
     from .gate import Gate

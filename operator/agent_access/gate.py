@@ -31,6 +31,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,7 +47,7 @@ from .authz import (
     recheck_rules,
     response,
 )
-from .engine import Denied, Policy, condition_context, reassess, resolve_presets
+from .engine import Denied, Policy, TaskSpec, condition_context, reassess, resolve_presets
 from .facts import Cache, agent_object, suspension
 from .informers import SKIP, Informer, Key
 from .kube import AGENT_TASKS, Kube, KubeError
@@ -59,11 +61,34 @@ log = logging.getLogger(__name__)
 #: Use lines waiting to be written; a call that finds the queue full is denied.
 LINE_QUEUE = 20_000
 #: A replica records a task's last use in its status at most this often (seconds)...
-IDLE_FLUSH_MIN = 5.0
+IDLE_FLUSH_MIN = 2.0
 #: ... or every idleTimeout / IDLE_FLUSH_PARTS, whichever is longer.
 IDLE_FLUSH_PARTS = 4
 #: A recheck that failed asks the leader to re-evaluate the task at most this often.
 REVOKE_ASK_EVERY = 1.0
+#: Re-check verdicts kept (per task and state of the facts it read); cleared when full.
+VERDICTS = 4096
+
+#: What the API server is told (and so the caller, and whoever asks a
+#: SubjectAccessReview about the identity): the kind of refusal, never a task's name.
+STARTING = "agent-access-operator: starting, per-task identities are refused until it is ready"
+NOT_ACTIVE = "agent-access-operator: the task of this identity is not active"
+OUTSIDE = "agent-access-operator: the agent is suspended or gone, or the task's pod ended"
+RECHECK_FAILED = "agent-access-operator: re-check failed, the grant is being revoked"
+LOG_FULL = "agent-access-operator: the use log is full"
+OVERLOADED = "agent-access-operator: overloaded"
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A call that needs a re-check: finished off the event loop (`Gate.finish`)."""
+
+    version: str
+    call: Call
+    entry: TaskEntry
+    now: float
+    started: float
+    key: tuple[Any, ...]
 
 
 class Gate:
@@ -84,6 +109,8 @@ class Gate:
         #: on standbys.
         self.live: Callable[[str], bool | None] | None = None
         self.refused: Callable[[str], None] | None = None
+        #: The leader's grant spec (presets resolved as granted); None on standbys.
+        self.grant_spec: Callable[[str], TaskSpec | None] | None = None
         #: AgentTasks by namespace ("": every namespace), as the operator watches them.
         self._watches: dict[str, Informer[TaskEntry]] = {
             ns or "": Informer(
@@ -107,6 +134,9 @@ class Gate:
         self._last_used: dict[str, float] = {}
         self._flushed: dict[str, float] = {}
         self._asked: dict[str, float] = {}
+        self._verdicts: dict[tuple[Any, ...], Denied | None] = {}
+        self._computing: dict[tuple[Any, ...], Future[Denied | None]] = {}
+        self._verdict_lock = threading.Lock()
         self._lines: queue.Queue[dict[str, Any]] = queue.Queue(LINE_QUEUE)
         self._stop = threading.Event()
         self._started = False
@@ -136,8 +166,10 @@ class Gate:
             self.cache.stop()
 
     def ready(self) -> bool:
-        return all(w.synced.is_set() for w in self._watches.values()) and all(
-            i.synced.is_set() for i in self.cache.all
+        """Every watch has listed and is connected: an enforcement point that may be
+        behind refuses (fail closed) rather than answer from stale state."""
+        return all(
+            w.synced.is_set() and w.healthy for w in [*self._watches.values(), *self.cache.all]
         )
 
     def _task(self, key: Key) -> TaskEntry | None:
@@ -152,8 +184,6 @@ class Gate:
             return SKIP
         self._by_identity[(entry.namespace, entry.identity)] = (entry.namespace, entry.name)
         self._by_uid[entry.uid] = (entry.namespace, entry.name)
-        if entry.phase == "Active" and entry.uid not in self._captured:
-            self._captured[entry.uid] = self._recheck_of(entry)
         return entry
 
     def _recheck_of(self, entry: TaskEntry) -> tuple[tuple[str, Rule], ...]:
@@ -167,7 +197,8 @@ class Gate:
         return tuple(out)
 
     def _task_changed(self, kind: str, key: Key, old: Any, new: Any) -> None:
-        if new is None and isinstance(old, TaskEntry):
+        replaced = isinstance(new, TaskEntry) and isinstance(old, TaskEntry) and new.uid != old.uid
+        if (new is None or replaced) and isinstance(old, TaskEntry):
             if self._by_identity.get((old.namespace, old.identity)) == key:
                 del self._by_identity[(old.namespace, old.identity)]
             if self._by_uid.get(old.uid) == key:
@@ -207,7 +238,8 @@ class Gate:
     def _recheck(self, entry: TaskEntry, call: Call, now: float) -> Denied | None:
         """The live re-evaluation of a call that needs a `recheck: true` rule: the task's
         access is still covered by the policies as they are now, conditions included."""
-        spec = entry.spec
+        granted = self.grant_spec(entry.uid) if self.grant_spec is not None else None
+        spec = granted or entry.spec
         if spec is None:
             return Denied(Reason.POLICY_CHANGED, "the task's spec cannot be read")
         targets = spec.target_namespaces
@@ -232,62 +264,160 @@ class Gate:
 
     # -- a review (the server's event loop: memory only) -------------------------------
 
-    def review(self, body: Any) -> dict[str, Any]:
-        """Answer one SubjectAccessReview. Raises ReviewError for a malformed one."""
+    def review(self, body: Any) -> dict[str, Any] | Pending:
+        """Answer one SubjectAccessReview, or hand back the call when it needs a re-check
+        not yet known (the server runs `finish` on a worker thread). Raises ReviewError
+        for a malformed review."""
         started = time.perf_counter()
         version, call = parse_review(body)
         if call is None:  # not a per-task identity: the configuration sends none
             return response(version, False, "")
         now = self.clock()
         entry = self.entry(call.home, call.identity)
-        why, refused = self._decide(call, entry, now)
+        decided = self._decide(call, entry, now)
+        if isinstance(decided, tuple) and len(decided) == 1:  # a re-check is needed
+            assert entry is not None
+            key = decided[0]
+            with self._verdict_lock:
+                known = key in self._verdicts
+                verdict = self._verdicts.get(key)
+            if not known:
+                return Pending(version, call, entry, now, started, key)
+            return self._answer(
+                version, call, entry, now, started, *self._rechecked(entry, verdict)
+            )
+        why, short, refused = decided
+        return self._answer(version, call, entry, now, started, why, short, refused)
+
+    def finish(self, pending: Pending) -> dict[str, Any]:
+        """The re-check of a pending call (a worker thread), computed once for every call
+        waiting on the same task and facts."""
+        p = pending
+        verdict = self._recheck_once(p.entry, p.call, p.now, p.key)
+        return self._answer(p.version, p.call, p.entry, p.now, p.started,
+                            *self._rechecked(p.entry, verdict))  # fmt: skip
+
+    def overloaded(self, body: Any) -> dict[str, Any]:
+        """Refuse a call without deciding it (the server is behind); still logged."""
+        version, call = parse_review(body)
+        if call is None:
+            return response(version, False, "")
+        entry = self.entry(call.home, call.identity)
+        return self._answer(version, call, entry, self.clock(), time.perf_counter(),
+                            "the authorizer is overloaded", OVERLOADED, None,
+                            decision="overloaded")  # fmt: skip
+
+    def _rechecked(
+        self, entry: TaskEntry, verdict: Denied | None
+    ) -> tuple[str | None, str | None, str | None]:
+        if verdict is None:
+            return None, None, None
+        return f"re-check failed: {verdict.message}", RECHECK_FAILED, entry.uid
+
+    def _answer(
+        self,
+        version: str,
+        call: Call,
+        entry: TaskEntry | None,
+        now: float,
+        started: float,
+        why: str | None,
+        short: str | None,
+        refused: str | None,
+        decision: str | None = None,
+    ) -> dict[str, Any]:
+        """Record the call (one line; its last use) and answer."""
         denied = why is not None
-        latency = (time.perf_counter() - started) * 1000
+        # made with the task's own token, or a review someone made about the identity
+        made = entry.made(call) if entry is not None else bool(call.credential)
         line = used_line(
-            call, entry, "deny" if denied else "no-opinion", why or "",
-            datetime.fromtimestamp(now, UTC), latency,
+            call, entry, decision or ("deny" if denied else "no-opinion"), why or "",
+            datetime.fromtimestamp(now, UTC), (time.perf_counter() - started) * 1000,
+            event="used" if made else "checked",
         )  # fmt: skip
         try:
             self._lines.put_nowait(line)
         except queue.Full:  # a call that cannot be recorded is not allowed
-            denied, why = True, "the use log is full: calls are refused until it drains"
-        if entry is not None:
+            denied, short = True, LOG_FULL
+        if entry is not None and made and now > self._last_used.get(entry.uid, 0.0):
             self._last_used[entry.uid] = now
         asked = self._asked.get(refused or "", 0.0)
         if refused is not None and self.refused is not None and now - asked >= REVOKE_ASK_EVERY:
             self._asked[refused] = now
             self.refused(refused)
-        return response(version, denied, why or "")
+        return response(version, denied, short or "")
 
     def _decide(
         self, call: Call, entry: TaskEntry | None, now: float
-    ) -> tuple[str | None, str | None]:
-        """(why the call is denied or None, the task to revoke or None)."""
+    ) -> tuple[str | None, str | None, str | None] | tuple[tuple[Any, ...]]:
+        """(why the call is denied or None, what the API server is told, the task to
+        revoke or None); or (the re-check's key,) when the call needs one."""
         if not self.ready():
-            return "the authorizer is starting: per-task identities are refused until it has "\
-                   "listed the cluster", None  # fmt: skip
+            return "the authorizer is starting: its watches have not listed yet", STARTING, None
         live = self.live(entry.uid) if (self.live is not None and entry is not None) else None
         why = inactive(entry, now, live)
         if why is not None or entry is None:
-            return why, None
+            return why, NOT_ACTIVE, None
         why = self._outside(entry, None)
         if why is not None:
-            return why, None
-        if entry.spec is None or call.namespace not in entry.spec.target_namespaces:
-            return None, None  # RBAC refuses it: no grant there
+            return why, OUTSIDE, None
+        if entry.phase == "Active" and entry.uid not in self._captured:
+            self._captured[entry.uid] = self._recheck_of(entry)
         labels = self.cache.namespaces.get(None, call.namespace)
         rules = [r for ns, r in self._captured.get(entry.uid, ()) if ns == call.namespace]
         rules += recheck_rules(self._policies(call.namespace), call.namespace, labels)
         if not needs_recheck(call, rules):
-            return None, None
+            return None, None, None
+        if entry.spec is None or call.namespace not in entry.spec.target_namespaces:
+            # e.g. the stage the task moves on from: its bindings are on their way out
+            why = f"{call.namespace} is not in the current access of AgentTask {entry.ref}"
+            return why, NOT_ACTIVE, None
+        return (self._fingerprint(entry, now),)
+
+    def _fingerprint(self, entry: TaskEntry, now: float) -> tuple[Any, ...]:
+        """Everything a re-check reads: the task (its resourceVersion), the policies,
+        namespaces, agent and pod as watched, and the second when conditions read `now`."""
+        spec = entry.spec
+        assert spec is not None
+        targets = sorted(set(spec.target_namespaces))
+        policies = [p for ns in targets for p in self.cache.policies.in_namespace(ns)]
+        policies += self.cache.cluster_policies.values()
+        cache = self.cache
+        return (
+            entry.uid,
+            entry.version,
+            tuple((p.key, p.resource_version) for p in policies),
+            tuple(tuple(sorted((cache.namespaces.get(None, n) or {}).items())) for n in targets),
+            cache.service_accounts.get(spec.namespace, spec.agent),
+            cache.pods.get(spec.namespace, spec.pod_name) if spec.pod_name else None,
+            int(now) if any(p.conditions for p in policies) else 0,
+        )
+
+    def _recheck_once(
+        self, entry: TaskEntry, call: Call, now: float, key: tuple[Any, ...]
+    ) -> Denied | None:
+        """One evaluation per key, however many calls wait for it; failing closed."""
+        with self._verdict_lock:
+            if key in self._verdicts:
+                return self._verdicts[key]
+            future = self._computing.get(key)
+            mine = future is None
+            if future is None:
+                future = self._computing[key] = Future()
+        if not mine:
+            return future.result(timeout=30)
         try:
-            denied = self._recheck(entry, call, now)
+            verdict = self._recheck(entry, call, now)
         except Exception:  # fail closed: a re-check that cannot run refuses
             log.exception("re-checking a call of %s failed", entry.ref)
-            return f"re-check of AgentTask {entry.ref} could not run", entry.uid
-        if denied is None:
-            return None, None
-        return f"re-check failed: {denied.message}", entry.uid
+            verdict = Denied(Reason.POLICY_CHANGED, "the re-check could not run")
+        with self._verdict_lock:
+            if len(self._verdicts) >= VERDICTS:
+                self._verdicts.clear()
+            self._verdicts[key] = verdict
+            self._computing.pop(key, None)
+        future.set_result(verdict)
+        return verdict
 
     # -- audit events (the API server's, from its audit webhook backend) -------------------
 
@@ -295,15 +425,17 @@ class Gate:
         """Turn an EventList into use lines; the number of lines. Raises queue.Full
         when the use log cannot take them (the API server sends them again)."""
         lines = []
+        now = self.clock()
         for event in events_of(body):
             line = line_of_event(event, self.entry)
             if line is None:
                 continue
             lines.append(line)
             task = line.get("task")
-            if task:
-                moment = _epoch(line["time"])
-                if moment is not None and moment > self._last_used.get(task["uid"], 0.0):
+            if task and line["event"] == "used":
+                # never later than now: a forged time cannot hold an idle grant open
+                moment = min(_epoch(line["time"]) or 0.0, now)
+                if moment > self._last_used.get(task["uid"], 0.0):
                     self._last_used[task["uid"]] = moment
         if self._lines.maxsize - self._lines.qsize() < len(lines):
             raise queue.Full
@@ -350,6 +482,9 @@ class Gate:
                 continue
             idle = self.idle_timeout(entry)
             if idle is None:
+                continue
+            if entry.last_used is not None and used <= entry.last_used:
+                self._flushed[uid] = used  # another replica recorded a later call
                 continue
             every = max(IDLE_FLUSH_MIN, idle / IDLE_FLUSH_PARTS)
             if now - self._flushed.get(uid, 0.0) < every:

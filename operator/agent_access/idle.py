@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from .engine import Policy
+from .engine import Policy, TaskSpec
 from .informers import Key
 from .model import Reason
 from .reevaluation import Reevaluation
@@ -112,6 +112,11 @@ class Idle(Reevaluation):
         if uid in self.ended:
             return False
         return None
+
+    def granted_spec(self, uid: str) -> TaskSpec | None:
+        """The spec as granted (presets resolved to the rules issued), for re-checks."""
+        grant = self.registry.get(uid)
+        return grant.spec if grant is not None else None
 
     def recheck_refused(self, uid: str) -> None:
         """A `recheck` call failed its live re-evaluation: re-evaluate the grant now (it

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import audit, objects
 from . import status as st
+from .authz import credential_hash, token_credential
 from .engine import Denied, Granted, PodFacts, SpecError, TaskSpec, World, evaluate, parse_task
 from .facts import Facts
 from .faults import checkpoint
@@ -150,6 +151,8 @@ class Issuance:
 
     def schedule_expiry(self, uid: str, expires_at: datetime) -> None:
         raise NotImplementedError
+
+    _credentials: dict[str, list[str]]
 
     def _write_status(
         self,
@@ -382,6 +385,8 @@ class Issuance:
         created: dict[ObjectRef, str] = {}
         guard = threading.Lock()
 
+        credentials = self._credentials.setdefault(plan.uid, [""])
+
         def make(kind: str, body: dict[str, Any]) -> dict[str, Any]:
             obj = self.owned.create(kind, body, uid)
             meta = body["metadata"]
@@ -423,6 +428,10 @@ class Issuance:
                 None,
             )
             encoded = base64.b64encode(token.encode()).decode()
+            # the token's id as the API server names it in each request: its hash goes
+            # into the status, so the enforcement point tells the token's calls from
+            # access reviews others make about the identity (docs/authorization-webhook.md)
+            credentials[0] = credential_hash(token_credential(token))
             del token
             checkpoint("issue:token")  # the token exists only in this process
             expires = st.rfc3339(decision.expires_at)
@@ -502,7 +511,9 @@ class Issuance:
             plan = replace(plan, stages=first_stages(spec, plan))
         try:
             plan = replace(plan, object_uids=self._create_objects(task, plan, decision, world.pod))
+            plan = replace(plan, credential=self._credentials.pop(plan.uid, [""])[0])
         except KubeError as exc:
+            self._credentials.pop(plan.uid, None)
             if exc.transient:
                 # The API server throttles or fails (after the client's own retries):
                 # nothing of the grant stays (rolled back, or replaced by the next
@@ -603,6 +614,10 @@ class Issuance:
         )
         if grant.pod_uid:
             new_status["podUID"] = grant.pod_uid
+        # a grant adopted at start-up does not know it: kept from the status
+        credential = grant.credential or (task.get("status") or {}).get("credentialHash")
+        if credential:
+            new_status["credentialHash"] = credential
         if grant.stage_index >= 0:
             new_status["stage"] = grant.spec.stage
             new_status["stages"] = [dict(e) for e in grant.stages]

@@ -179,6 +179,8 @@ class Health:
     def __init__(self) -> None:
         self.ready = threading.Event()
         self.standby = threading.Event()
+        #: Also needed for readiness (the enforcement point: its watches have listed).
+        self.also: list[Callable[[], bool]] = []
 
 
 def serve(
@@ -192,7 +194,9 @@ def serve(
             elif path == "/healthz":
                 body, ctype, code = b"ok\n", "text/plain", 200
             elif path == "/readyz":
-                if health.ready.is_set():
+                if not all(check() for check in health.also):
+                    body, code = b"not ready\n", 503
+                elif health.ready.is_set():
                     body, code = b"ok\n", 200
                 elif health.standby.is_set():
                     body, code = b"standby\n", 200

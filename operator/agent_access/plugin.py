@@ -108,6 +108,7 @@ def parser() -> argparse.ArgumentParser:
     a = sub.add_parser("audit", parents=[common], help="an AgentTask's path: grants, ends")
     a.add_argument("name")
     a.add_argument("--audit-file", help="audit lines written by `run --audit-file`")
+    a.add_argument("--apiserver-log", help="the API server's audit log: calls of the identity")
     c = sub.add_parser(
         "check", parents=[common], help="the decision for a task file; nothing is created"
     )
@@ -360,6 +361,7 @@ def run(args: argparse.Namespace) -> int:
                 agent=None,
                 namespace=ns,
                 audit_file=args.audit_file,
+                apiserver_log=args.apiserver_log,
                 no_cluster=False,
                 output="json" if args.output == "json" else "text",
                 kube=kube,

@@ -79,6 +79,9 @@ class LiveGrant:
     #: Objects of other stages still to delete (a clean-up that failed at start-up):
     #: deleted before the next stage is issued, and by any revocation.
     leftovers: tuple[ObjectRef, ...] = ()
+    #: The hash of the token's credential id (authz.credential_hash), recorded in the
+    #: status for the enforcement point; empty when adopted at start-up.
+    credential: str = ""
 
     @property
     def ref(self) -> str:

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .audit import SCHEMA_VERSION
-from .authz import Call, TaskEntry, identity_of
+from .authz import Call, TaskEntry, credential_of, identity_of
 
 AUTHORIZER, AUDIT = "authorizer", "audit"
 _DECISION = "authorization.k8s.io/decision"
@@ -49,11 +49,15 @@ def used_line(
     source: str = AUTHORIZER,
     code: int | None = None,
     audit_id: str | None = None,
+    event: str = "used",
 ) -> dict[str, Any]:
+    """`event`: `used` for a call made with the task's token, `checked` for a review
+    that carries no such credential (a SubjectAccessReview someone created about the
+    identity, an impersonation): logged, never counted as a use."""
     line: dict[str, Any] = {
         "schemaVersion": SCHEMA_VERSION,
         "time": _ts(now),
-        "event": "used",
+        "event": event,
         **_task_fields(entry),
         "identity": f"{call.home}/{call.identity}",
         "verb": call.verb,
@@ -94,6 +98,7 @@ def call_of_event(event: Mapping[str, Any]) -> tuple[Call, datetime, dict[str, A
         return None
     user = event.get("impersonatedUser") or event.get("user")
     username = user.get("username") if isinstance(user, Mapping) else None
+    extra = user.get("extra") if isinstance(user, Mapping) else None
     who = identity_of(username) if isinstance(username, str) else None
     if who is None:
         return None
@@ -115,6 +120,7 @@ def call_of_event(event: Mapping[str, Any]) -> tuple[Call, datetime, dict[str, A
         namespace=text(ref, "namespace"),
         name=text(ref, "name"),
         path="" if ref else text(event, "requestURI")[:512],
+        credential=credential_of(extra),
     )
     ended = _time(event.get("stageTimestamp")) or datetime.now(UTC)
     started = _time(event.get("requestReceivedTimestamp"))
@@ -157,9 +163,12 @@ def line_of_event(event: Mapping[str, Any], entry_for: Any) -> dict[str, Any] | 
     if found is None:
         return None
     call, ended, facts = found
+    entry = entry_for(call.home, call.identity)
+    made = entry.made(call) if entry is not None else bool(call.credential)
     return used_line(
-        call, entry_for(call.home, call.identity), facts["decision"], facts["reason"], ended,
+        call, entry, facts["decision"], facts["reason"], ended,
         facts["latency_ms"], AUDIT, facts["code"], facts["audit_id"],
+        event="used" if made else "checked",
     )  # fmt: skip
 
 
@@ -175,7 +184,7 @@ def prefer_authorizer(lines: Sequence[Mapping[str, Any]]) -> list[Mapping[str, A
         line
         for line in lines
         if not (
-            line.get("event") == "used"
+            line.get("event") in ("used", "checked")
             and line.get("source") == AUDIT
             and (line.get("task") or {}).get("uid") in with_webhook
         )

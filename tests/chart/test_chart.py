@@ -219,6 +219,8 @@ def test_replicas_spread_and_the_pdb_never_blocks_drains():
                 "authorizationWebhook.enabled=true",
                 "--set",
                 "authorizationWebhook.certificate.source=secret",
+                "--set",
+                "authorizationWebhook.allowAnyClient=true",
             ],
             "needs authorizationWebhook.certificate.secretName",
         ),
@@ -228,8 +230,14 @@ def test_replicas_spread_and_the_pdb_never_blocks_drains():
                 "authorizationWebhook.enabled=true",
                 "--set",
                 "authorizationWebhook.certificate.source=cert-manager",
+                "--set",
+                "authorizationWebhook.allowAnyClient=true",
             ],
             "cert-manager.io/v1 is not served",
+        ),
+        (
+            ["--set", "authorizationWebhook.enabled=true"],
+            "needs authorizationWebhook.clientCASecret",
         ),
         (["--set", "notifications.urls={ftp://a.example}"], "/notifications/urls/0"),
     ],
@@ -309,7 +317,11 @@ def test_the_authorization_webhook_is_served_with_its_certificate_and_client_ca(
                                                     for p in r["ports"]]  # fmt: skip
     # with cert-manager served by the cluster: a Certificate (and a self-signed Issuer)
     managed = docs(render("--set", "authorizationWebhook.enabled=true",
+                          "--set", "authorizationWebhook.allowAnyClient=true",
                           "--api-versions", "cert-manager.io/v1"))  # fmt: skip
+    args = next(d for d in managed if d["kind"] == "Deployment")["spec"]["template"]["spec"][
+        "containers"][0]["args"]  # fmt: skip
+    assert "--authz-allow-any-client" in args
     kinds = {d["kind"] for d in managed}
     assert {"Certificate", "Issuer"} <= kinds and "Secret" not in kinds
     # nothing of it by default

@@ -159,6 +159,7 @@ def test_each_call_is_seen_once_with_its_fields(aworld, enforcer):
         assert u["agent"] == "bot" and u["requester"] == "admin"
         assert u["namespace"] == ns and u["subresource"] == ""
         assert u["decision"] == "no-opinion" and u["reason"] == ""
+        assert u["event"] == "used"  # made with the task's own token
         assert u["source"] == "authorizer" and 0 <= u["latencyMs"] < 1000
         assert u["identity"] == f"{ns}/{task['status']['serviceAccountName']}"
         LINE_SCHEMA.validate(u)
@@ -202,7 +203,7 @@ def test_a_cancelled_task_is_refused_while_its_role_binding_still_exists(aworld,
     assert time.monotonic() - started < 5
     wait_for(lambda: any(u["decision"] == "deny" for u in uses(proc, task)), 5)
     denied = [u for u in uses(proc, task) if u["decision"] == "deny"]
-    assert "cancelled" in denied[0]["reason"]
+    assert "cancelled" in denied[0]["reason"] and denied[0]["event"] == "used"
     done = aworld.wait_phase(ns, "cancelled", "Cancelled", timeout=20)
     assert done["status"]["reason"] == "Cancelled"
 
@@ -247,6 +248,45 @@ def test_idle_timeout_ends_an_unused_grant_and_calls_keep_it(aworld, enforcer):
     assert 9 <= idle_for <= 13, idle_for
     assert done["status"]["lastUsedAt"]
     poll_status(lambda: lists(client, ns, PODS), {401, 403}, 2.0)
+
+
+def test_reviews_about_the_identity_are_not_calls(aworld, enforcer):
+    """Whoever may create (Local)SubjectAccessReviews can ask about a per-task identity:
+    the webhook answers and logs it as `checked`, but it is no call of the agent and
+    keeps no idle grant alive."""
+    proc = enforcer()
+    ns = scene(aworld, idleTimeout="10s")
+    task, _ = grant(aworld, ns, "probed")
+    user = f"system:serviceaccount:{ns}:{task['status']['serviceAccountName']}"
+    review = {
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "LocalSubjectAccessReview",
+        "spec": {"user": user, "resourceAttributes": {
+            "namespace": ns, "verb": "list", "resource": "configmaps"}},
+    }  # fmt: skip
+    path = f"/apis/authorization.k8s.io/v1/namespaces/{ns}/localsubjectaccessreviews"
+    granted = time.monotonic()
+    ended = None
+    while time.monotonic() - granted < 20:
+        aworld.kube.request("POST", path, body=review)
+        phase = aworld.get_task(ns, "probed")["status"]["phase"]
+        if phase != "Active":
+            ended = time.monotonic() - granted
+            break
+        time.sleep(2)
+    assert ended is not None and ended < 14, ended  # the reviews did not keep it alive
+    assert aworld.get_task(ns, "probed")["status"]["reason"] == "IdleTimeout"
+    checked = [
+        line
+        for line in proc.audit_lines()
+        if line["event"] == "checked" and (line.get("task") or {}).get("name") == "probed"
+    ]
+    assert checked and not uses(proc, task)  # fmt: skip
+    for line in checked:
+        LINE_SCHEMA.validate(line)
+    # what the reviewer learns: the kind of refusal, never the task's name
+    answer = aworld.kube.request("POST", path, body=review)["status"]
+    assert answer.get("allowed") is not True and "probed" not in answer.get("reason", "")
 
 
 def test_a_restarted_operator_answers_as_before(aworld, enforcer):

@@ -212,3 +212,39 @@ def test_many_uses_are_counted_in_the_text_timeline():
     assert summarize(lines)[0]["count"] == 30
     few = render_text([timeline(None, [], lines[:2])])
     assert few.count("used ") == 2
+
+
+def test_a_call_is_the_tasks_only_with_its_tokens_credential():
+    import base64
+    import json as _json
+
+    from agent_access.authz import credential_hash, token_credential
+
+    claims = base64.urlsafe_b64encode(_json.dumps({"jti": "abc-1"}).encode()).decode().rstrip("=")
+    token = f"header.{claims}.signature"
+    assert token_credential(token) == "JTI=abc-1"
+    assert token_credential("not-a-jwt") == "" and token_credential("a.!!!.c") == ""
+    body = task()
+    body["status"]["credentialHash"] = credential_hash("JTI=abc-1")
+    entry = entry_of(body)
+    assert entry is not None
+    real = review()
+    real["spec"]["extra"] = {"authentication.kubernetes.io/credential-id": ["JTI=abc-1"]}
+    probe = review()  # a SubjectAccessReview someone created: no credential
+    other = review()
+    other["spec"]["extra"] = {"authentication.kubernetes.io/credential-id": ["JTI=zzz"]}
+    made = [entry.made(parse_review(b)[1]) for b in (real, probe, other)]  # type: ignore[arg-type]
+    assert made == [True, False, False]
+    unknown = entry_of(task())  # no credential recorded: nothing counts as the task's
+    assert unknown is not None and not unknown.made(parse_review(real)[1])  # type: ignore[arg-type]
+
+
+def test_an_impersonated_audit_event_is_only_a_check():
+    from agent_access.uses import line_of_event
+
+    real = {**EVENT, "user": {**EVENT["user"], "extra": {
+        "authentication.kubernetes.io/credential-id": ["JTI=abc-1"]}}}  # fmt: skip
+    assert line_of_event(real, lambda *_: None)["event"] == "used"  # type: ignore[index]
+    posed = {**EVENT, "user": {"username": "admin"},
+             "impersonatedUser": {"username": EVENT["user"]["username"]}}  # fmt: skip
+    assert line_of_event(posed, lambda *_: None)["event"] == "checked"  # type: ignore[index]

@@ -64,6 +64,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and .Values.notifications.secretName (not .Values.notifications.urls) -}}
 {{- fail "notifications.secretName without notifications.urls signs nothing: set the URLs too" -}}
 {{- end -}}
+{{- if and .Values.authorizationWebhook.enabled (not .Values.authorizationWebhook.clientCASecret) (not .Values.authorizationWebhook.allowAnyClient) -}}
+{{- fail "authorizationWebhook.enabled needs authorizationWebhook.clientCASecret (the CA of the API server's webhook client certificate), or allowAnyClient=true" -}}
+{{- end -}}
 {{- if and .Values.authorizationWebhook.enabled (eq .Values.authorizationWebhook.certificate.source "secret") (not .Values.authorizationWebhook.certificate.secretName) -}}
 {{- fail "authorizationWebhook.certificate.source=secret needs authorizationWebhook.certificate.secretName (a kubernetes.io/tls Secret in the release namespace)" -}}
 {{- end -}}
