@@ -1082,6 +1082,47 @@ def write_markdown(result: dict, path: Path) -> None:
         ]
     else:
         lines.append("Not run in quick mode.")
+    az = result.get("authz")
+    ms1 = lambda v: "n/a" if v is None else f"{v * 1000:.1f} ms"  # noqa: E731
+    lines += ["", "## Authorization webhook (docs/authorization-webhook.md)", ""]
+    if az:
+        lines += [
+            "A control plane of its own with the operator as its authorization webhook. A "
+            "per-task identity and a plain ServiceAccount with the same RBAC list pods at a "
+            f"fixed rate for {az['seconds_per_rate']:.0f} s each (open loop, from one Python "
+            "process on the same 2-core machine as the API server and the operator); added = "
+            "per-task minus plain.",
+            "",
+            "| calls/s (achieved) | per-task p50 / p99 | plain p50 / p99 | added p50 / p99 | "
+            "operator per review (mean) | answers |",
+            "|---|---|---|---|---|---|",
+        ]
+        for rate, row in az["latency"].items1():
+            lines.append(
+                f"| {rate} ({row['achieved_per_s']}) | {ms1(row['per_task']['p50'])} / "
+                f"{ms1(row['per_task']['p99'])} | {ms1(row['plain']['p50'])} / "
+                f"{ms1(row['plain']['p99'])} | {row['added_p50_ms']:.2f} / "
+                f"{row['added_p99_ms']:.2f} ms | "
+                f"{(row['operator_review_mean_ms'] or 0):.3f} ms | {row['per_task_codes']} |"
+            )
+        o = az["others"]
+        lines += [
+            "",
+            f"Other identities: {o['calls']} calls of the plain ServiceAccount sent "
+            f"**{o['reviews_sent_to_webhook']:.0f} reviews** to the webhook (the API server "
+            f"counted {o['excluded_by_match_condition']:.0f} match-condition exclusions); "
+            f"their p50 / p99 with the operator up {ms1(o['plain_operator_up']['p50'])} / "
+            f"{ms1(o['plain_operator_up']['p99'])}, with it down "
+            f"{ms1(o['plain_operator_down']['p50'])} / {ms1(o['plain_operator_down']['p99'])} "
+            f"(answers {o['codes_operator_down']}).",
+            "",
+            "| trigger -> first refused call (webhook) | p50 | p99 | n |",
+            "|---|---|---|---|",
+        ]
+        for t, v in az["trigger_refused"].items1():
+            lines.append(f"| {t} | {ms1(v['p50'])} | {ms1(v['p99'])} | {v['n']} |")
+    else:
+        lines.append("Not run.")
     lines += ["", "## Goals", "", "| goal | measured | met |", "|---|---|---|"]
     for key, op, goal in TARGETS:
         value = s.get(key)

@@ -182,11 +182,13 @@ class TaskEntry:
     task_expires_at: float | None
     pod_name: str | None
     policies: tuple[str, ...]
-    #: status.lastUsedAt: the last call any replica saw and recorded (epoch seconds).
+    #: status.lastUsedAt: the last call any replica saw and recorded (epoch seconds),
+    #: and as written.
     last_used: float | None
+    last_used_text: str
     #: status.credentialHash: the hash of the token's credential id ("" when unknown).
     credential: str
-    #: metadata.resourceVersion (re-check verdicts are kept per version).
+    #: What a re-check reads of the task (its verdicts are kept per version).
     version: str
     #: The spec (None when unparseable: such a task never had a grant).
     spec: TaskSpec | None
@@ -197,10 +199,12 @@ class TaskEntry:
 
     def made(self, call: Call) -> bool:
         """Was the call made with the task's own token? (A SubjectAccessReview someone
-        created about the identity carries no credential id, or another one.)"""
-        return bool(self.credential and call.credential) and (
-            credential_hash(call.credential) == self.credential
-        )
+        created about the identity carries no credential id, or another one.) A task
+        whose status records no credential (issued by an older version, or its status
+        not seen yet): any ServiceAccount token's call counts, as before."""
+        if not self.credential:
+            return call.credential.startswith("JTI=")
+        return credential_hash(call.credential) == self.credential
 
 
 def _epoch(text: Any) -> float | None:
@@ -253,8 +257,11 @@ def entry_of(task: Mapping[str, Any]) -> TaskEntry | None:
         pod_name=str(spec.get("podName") or "") or None,
         policies=tuple(str(p) for p in policies) if isinstance(policies, list) else (),
         last_used=_epoch(status.get("lastUsedAt")),
+        last_used_text=str(status.get("lastUsedAt") or ""),
         credential=str(status.get("credentialHash") or ""),
-        version=str(meta.get("resourceVersion") or ""),
+        # what a re-check reads of the task (not lastUsedAt: its writes keep verdicts)
+        version=f"{meta.get('generation')}|{status.get('phase')}|{status.get('stage')}|"
+        f"{status.get('expiresAt')}|{','.join(str(p) for p in policies or ())}",
         spec=parsed,
     )
 

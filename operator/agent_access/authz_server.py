@@ -42,7 +42,8 @@ OVERLOAD_LAG = 0.1
 REVIEW_MAX_BYTES = 256 * 1024
 AUDIT_MAX_BYTES = 16 * 1024 * 1024
 CERT_CHECK_SECONDS = 30.0
-RECHECK_THREADS = 2
+#: How long a call waits for its re-check (the API server gives the webhook 3 s).
+RECHECK_WAIT = 2.0
 
 
 def tls_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
@@ -80,8 +81,8 @@ class AuthzServer:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        #: Re-checks and audit batches: off the event loop, bounded.
-        self._rechecks = ThreadPoolExecutor(RECHECK_THREADS, thread_name_prefix="authz-recheck")
+        #: Audit batches (megabytes of JSON): read off the event loop, one at a time.
+        self._audit_pool = ThreadPoolExecutor(1, thread_name_prefix="authz-audit")
 
     # -- running ------------------------------------------------------------------------
 
@@ -176,11 +177,18 @@ class AuthzServer:
                     self.metrics.authz_call("malformed", None)
                 return web.Response(status=400, text=str(exc))
             if isinstance(found, Pending):
-                # a re-check not known yet: computed on a worker thread (once for every
-                # call waiting on the same facts), so other identities keep being
-                # answered meanwhile
-                loop = asyncio.get_running_loop()
-                found = await loop.run_in_executor(self._rechecks, self.gate.finish, found)
+                # a re-check not known yet: computed on the gate's threads (once for
+                # every call waiting on the same facts), awaited here, so other
+                # identities keep being answered meanwhile
+                verdict: Any
+                try:
+                    verdict = await asyncio.wait_for(
+                        asyncio.shield(asyncio.wrap_future(self.gate.begin(found))),
+                        RECHECK_WAIT,
+                    )
+                except Exception as exc:  # timed out or failed: refused, and logged
+                    verdict = exc
+                found = self.gate.complete(found, verdict)
             answer = found
             denied = bool(answer["status"].get("denied"))
             decision = "deny" if denied else "no-opinion"
@@ -196,7 +204,7 @@ class AuthzServer:
         raw = await request.read()
         loop = asyncio.get_running_loop()
         try:  # a batch can be megabytes: read off the event loop
-            count = await loop.run_in_executor(self._rechecks, self._audit_batch, raw)
+            count = await loop.run_in_executor(self._audit_pool, self._audit_batch, raw)
         except ValueError:
             return web.Response(status=400, text="not JSON")
         except queue.Full:
@@ -211,6 +219,6 @@ class AuthzServer:
         return self.gate.audit_events(json.loads(raw))
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        if self.gate.ready():
+        if self.gate.listed():
             return web.Response(text="ok")
         return web.Response(status=503, text="starting")

@@ -289,10 +289,13 @@ def _apiserver_uses(path: str, tasks: list[dict], lines: list[dict]) -> list[dic
     """`used` lines from the API server's audit log for these tasks' identities."""
     import json
 
+    from .authz import entry_of
     from .objects import base_name
     from .uses import line_of_event
 
     known: dict[tuple[str, str], dict] = {}
+    # the tasks as the cluster has them: a call counts as the task's only with its token
+    entries = {(e.namespace, e.identity): e for t in tasks if (e := entry_of(t)) is not None}
     for task in tasks:
         meta = task["metadata"]
         known[(meta["namespace"], base_name(meta["name"], meta["uid"]))] = {
@@ -313,7 +316,7 @@ def _apiserver_uses(path: str, tasks: list[dict], lines: list[dict]) -> list[dic
                 event = json.loads(raw)
             except ValueError:
                 continue
-            used = line_of_event(event, lambda _ns, _name: None)
+            used = line_of_event(event, lambda ns, name: entries.get((ns, name)))
             if used is None:
                 continue
             home, _, name = str(used["identity"]).partition("/")
@@ -372,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
     kube = Kube.from_environment(pool_size=4 * args.workers + 16, observer=metrics.api_call)
     gate, cache = _enforcement_point(args, kube, audit_log, metrics, namespaces)
     if gate is not None:  # a replica answers reviews only once its watches have listed
-        health.also.append(gate.ready)
+        health.also.append(gate.listed)
 
     def stopping() -> bool:
         return bool(signalled)

@@ -31,7 +31,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -68,6 +68,10 @@ IDLE_FLUSH_PARTS = 4
 REVOKE_ASK_EVERY = 1.0
 #: Re-check verdicts kept (per task and state of the facts it read); cleared when full.
 VERDICTS = 4096
+#: A watch disconnected longer than this (seconds): the gate refuses until it is back.
+UNHEALTHY_GRACE = 5.0
+#: Threads computing re-checks (each once per task and state of its facts).
+RECHECK_THREADS = 2
 
 #: What the API server is told (and so the caller, and whoever asks a
 #: SubjectAccessReview about the identity): the kind of refusal, never a task's name.
@@ -137,6 +141,9 @@ class Gate:
         self._verdicts: dict[tuple[Any, ...], Denied | None] = {}
         self._computing: dict[tuple[Any, ...], Future[Denied | None]] = {}
         self._verdict_lock = threading.Lock()
+        self._use_lock = threading.Lock()
+        self._unhealthy_since: dict[str, float] = {}
+        self._pool = ThreadPoolExecutor(RECHECK_THREADS, thread_name_prefix="authz-recheck")
         self._lines: queue.Queue[dict[str, Any]] = queue.Queue(LINE_QUEUE)
         self._stop = threading.Event()
         self._started = False
@@ -160,17 +167,35 @@ class Gate:
 
     def stop(self) -> None:
         self._stop.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
         for watch in self._watches.values():
             watch.stop()
         if self._own_cache:
             self.cache.stop()
 
+    def _read(self) -> list[Informer[Any]]:
+        """The watches the gate decides from."""
+        c = self.cache
+        return [*self._watches.values(), c.policies, c.cluster_policies, c.namespaces,
+                c.service_accounts, c.pods]  # fmt: skip
+
+    def listed(self) -> bool:
+        """Every watch it reads has listed once (readiness: the Service sends reviews)."""
+        return all(w.synced.is_set() for w in self._read())
+
     def ready(self) -> bool:
-        """Every watch has listed and is connected: an enforcement point that may be
-        behind refuses (fail closed) rather than answer from stale state."""
-        return all(
-            w.synced.is_set() and w.healthy for w in [*self._watches.values(), *self.cache.all]
-        )
+        """Listed, and no watch disconnected for longer than UNHEALTHY_GRACE: an
+        enforcement point that may be behind refuses (fail closed) rather than answer
+        from stale state; a reconnect (a few hundred ms) does not refuse everyone."""
+        now = time.monotonic()
+        for watch in self._read():
+            if not watch.synced.is_set():
+                return False
+            if watch.healthy:
+                self._unhealthy_since.pop(watch.name, None)
+            elif now - self._unhealthy_since.setdefault(watch.name, now) > UNHEALTHY_GRACE:
+                return False
+        return True
 
     def _task(self, key: Key) -> TaskEntry | None:
         watch = self._watches.get("") or self._watches.get(key[0])
@@ -184,7 +209,13 @@ class Gate:
             return SKIP
         self._by_identity[(entry.namespace, entry.identity)] = (entry.namespace, entry.name)
         self._by_uid[entry.uid] = (entry.namespace, entry.name)
+        if entry.phase == "Active" and entry.uid not in self._captured and self._policies_listed():
+            self._captured[entry.uid] = self._recheck_of(entry)
         return entry
+
+    def _policies_listed(self) -> bool:
+        c = self.cache
+        return all(i.synced.is_set() for i in (c.policies, c.cluster_policies, c.namespaces))
 
     def _recheck_of(self, entry: TaskEntry) -> tuple[tuple[str, Rule], ...]:
         if entry.spec is None:
@@ -289,13 +320,54 @@ class Gate:
         why, short, refused = decided
         return self._answer(version, call, entry, now, started, why, short, refused)
 
-    def finish(self, pending: Pending) -> dict[str, Any]:
-        """The re-check of a pending call (a worker thread), computed once for every call
-        waiting on the same task and facts."""
-        p = pending
-        verdict = self._recheck_once(p.entry, p.call, p.now, p.key)
-        return self._answer(p.version, p.call, p.entry, p.now, p.started,
-                            *self._rechecked(p.entry, verdict))  # fmt: skip
+    def begin(self, pending: Pending) -> Future[Denied | None]:
+        """The re-check of a pending call: one computation per task and state of its
+        facts, on the gate's threads, shared by every call waiting for it."""
+        key = pending.key
+        with self._verdict_lock:
+            if key in self._verdicts:
+                done: Future[Denied | None] = Future()
+                done.set_result(self._verdicts[key])
+                return done
+            future = self._computing.get(key)
+            if future is None:
+                future = self._computing[key] = self._pool.submit(self._compute, pending)
+                future.add_done_callback(lambda _f: self._forget(key))
+            return future
+
+    def _forget(self, key: tuple[Any, ...]) -> None:
+        with self._verdict_lock:
+            self._computing.pop(key, None)
+
+    def _compute(self, p: Pending) -> Denied | None:
+        verdict = self._recheck(p.entry, p.call, p.now)
+        # kept only if the facts did not move while it ran (else it answers this call only)
+        if self._fingerprint(p.entry, p.now) == p.key:
+            with self._verdict_lock:
+                if len(self._verdicts) >= VERDICTS:
+                    self._verdicts.clear()
+                self._verdicts[p.key] = verdict
+        return verdict
+
+    def complete(self, p: Pending, verdict: Denied | BaseException | None) -> dict[str, Any]:
+        """Answer a pending call once its re-check is known (or failed: refused). What may
+        have changed while it waited (a cancel, a suspension) is looked at again."""
+        entry = self.entry(p.call.home, p.call.identity)
+        now = self.clock()
+        live = self.live(p.entry.uid) if self.live is not None else None
+        why = inactive(entry, now, live)
+        if why is not None or entry is None:
+            return self._answer(p.version, p.call, entry, p.now, p.started, why, NOT_ACTIVE, None)
+        why = self._outside(entry, None)
+        if why is not None:
+            return self._answer(p.version, p.call, entry, p.now, p.started, why, OUTSIDE, None)
+        if isinstance(verdict, BaseException):
+            log.warning("re-checking a call of %s did not complete: %r", entry.ref, verdict)
+            why = f"the re-check did not complete ({type(verdict).__name__})"
+            return self._answer(p.version, p.call, entry, p.now, p.started, why,
+                                RECHECK_FAILED, None)  # fmt: skip
+        found = self._rechecked(entry, verdict)
+        return self._answer(p.version, p.call, entry, p.now, p.started, *found)
 
     def overloaded(self, body: Any) -> dict[str, Any]:
         """Refuse a call without deciding it (the server is behind); still logged."""
@@ -339,8 +411,8 @@ class Gate:
             self._lines.put_nowait(line)
         except queue.Full:  # a call that cannot be recorded is not allowed
             denied, short = True, LOG_FULL
-        if entry is not None and made and now > self._last_used.get(entry.uid, 0.0):
-            self._last_used[entry.uid] = now
+        if entry is not None and made:
+            self._note_use(entry.uid, now)
         asked = self._asked.get(refused or "", 0.0)
         if refused is not None and self.refused is not None and now - asked >= REVOKE_ASK_EVERY:
             self._asked[refused] = now
@@ -377,7 +449,8 @@ class Gate:
     def _fingerprint(self, entry: TaskEntry, now: float) -> tuple[Any, ...]:
         """Everything a re-check reads: the task (its resourceVersion), the policies,
         namespaces, agent and pod as watched, and the second when conditions read `now`."""
-        spec = entry.spec
+        granted = self.grant_spec(entry.uid) if self.grant_spec is not None else None
+        spec = granted or entry.spec
         assert spec is not None
         targets = sorted(set(spec.target_namespaces))
         policies = [p for ns in targets for p in self.cache.policies.in_namespace(ns)]
@@ -386,38 +459,14 @@ class Gate:
         return (
             entry.uid,
             entry.version,
+            granted is not None,
+            spec.stage_index,
             tuple((p.key, p.resource_version) for p in policies),
             tuple(tuple(sorted((cache.namespaces.get(None, n) or {}).items())) for n in targets),
             cache.service_accounts.get(spec.namespace, spec.agent),
             cache.pods.get(spec.namespace, spec.pod_name) if spec.pod_name else None,
             int(now) if any(p.conditions for p in policies) else 0,
         )
-
-    def _recheck_once(
-        self, entry: TaskEntry, call: Call, now: float, key: tuple[Any, ...]
-    ) -> Denied | None:
-        """One evaluation per key, however many calls wait for it; failing closed."""
-        with self._verdict_lock:
-            if key in self._verdicts:
-                return self._verdicts[key]
-            future = self._computing.get(key)
-            mine = future is None
-            if future is None:
-                future = self._computing[key] = Future()
-        if not mine:
-            return future.result(timeout=30)
-        try:
-            verdict = self._recheck(entry, call, now)
-        except Exception:  # fail closed: a re-check that cannot run refuses
-            log.exception("re-checking a call of %s failed", entry.ref)
-            verdict = Denied(Reason.POLICY_CHANGED, "the re-check could not run")
-        with self._verdict_lock:
-            if len(self._verdicts) >= VERDICTS:
-                self._verdicts.clear()
-            self._verdicts[key] = verdict
-            self._computing.pop(key, None)
-        future.set_result(verdict)
-        return verdict
 
     # -- audit events (the API server's, from its audit webhook backend) -------------------
 
@@ -434,9 +483,7 @@ class Gate:
             task = line.get("task")
             if task and line["event"] == "used":
                 # never later than now: a forged time cannot hold an idle grant open
-                moment = min(_epoch(line["time"]) or 0.0, now)
-                if moment > self._last_used.get(task["uid"], 0.0):
-                    self._last_used[task["uid"]] = moment
+                self._note_use(task["uid"], min(_epoch(line["time"]) or 0.0, now))
         if self._lines.maxsize - self._lines.qsize() < len(lines):
             raise queue.Full
         for line in lines:
@@ -444,6 +491,11 @@ class Gate:
         return len(lines)
 
     # -- last use -------------------------------------------------------------------------
+
+    def _note_use(self, uid: str, moment: float) -> None:
+        with self._use_lock:
+            if moment > self._last_used.get(uid, 0.0):
+                self._last_used[uid] = moment
 
     def last_used(self, uid: str) -> float | None:
         """The last call of the task's identity any replica saw (as far as known here:
@@ -491,13 +543,13 @@ class Gate:
                 continue
             self._flushed[uid] = used
             stamp = datetime.fromtimestamp(used, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-            with contextlib.suppress(KubeError):
-                self.kube.json_patch(
-                    AGENT_TASKS, entry.namespace, entry.name,
-                    [{"op": "test", "path": "/metadata/uid", "value": uid},
-                     {"op": "add", "path": "/status/lastUsedAt", "value": stamp}],
-                    "status",
-                )  # fmt: skip
+            patch = [{"op": "test", "path": "/metadata/uid", "value": uid}]
+            if entry.last_used_text:  # only over the value seen: never back in time
+                patch.append({"op": "test", "path": "/status/lastUsedAt",
+                              "value": entry.last_used_text})  # fmt: skip
+            patch.append({"op": "add", "path": "/status/lastUsedAt", "value": stamp})
+            with contextlib.suppress(KubeError):  # another replica wrote first: next round
+                self.kube.json_patch(AGENT_TASKS, entry.namespace, entry.name, patch, "status")
 
     def _entry_by_uid(self, uid: str) -> TaskEntry | None:
         key = self._by_uid.get(uid)

@@ -152,7 +152,7 @@ class Issuance:
     def schedule_expiry(self, uid: str, expires_at: datetime) -> None:
         raise NotImplementedError
 
-    _credentials: dict[str, list[str]]
+    _credentials: dict[str, str]
 
     def _write_status(
         self,
@@ -385,8 +385,6 @@ class Issuance:
         created: dict[ObjectRef, str] = {}
         guard = threading.Lock()
 
-        credentials = self._credentials.setdefault(plan.uid, [""])
-
         def make(kind: str, body: dict[str, Any]) -> dict[str, Any]:
             obj = self.owned.create(kind, body, uid)
             meta = body["metadata"]
@@ -431,7 +429,8 @@ class Issuance:
             # the token's id as the API server names it in each request: its hash goes
             # into the status, so the enforcement point tells the token's calls from
             # access reviews others make about the identity (docs/authorization-webhook.md)
-            credentials[0] = credential_hash(token_credential(token))
+            credential = token_credential(token)
+            self._credentials[plan.uid] = credential_hash(credential) if credential else ""
             del token
             checkpoint("issue:token")  # the token exists only in this process
             expires = st.rfc3339(decision.expires_at)
@@ -510,10 +509,13 @@ class Issuance:
         if spec.staged:
             plan = replace(plan, stages=first_stages(spec, plan))
         try:
-            plan = replace(plan, object_uids=self._create_objects(task, plan, decision, world.pod))
-            plan = replace(plan, credential=self._credentials.pop(plan.uid, [""])[0])
+            try:
+                plan = replace(
+                    plan, object_uids=self._create_objects(task, plan, decision, world.pod)
+                )
+            finally:
+                plan = replace(plan, credential=self._credentials.pop(plan.uid, ""))
         except KubeError as exc:
-            self._credentials.pop(plan.uid, None)
             if exc.transient:
                 # The API server throttles or fails (after the client's own retries):
                 # nothing of the grant stays (rolled back, or replaced by the next

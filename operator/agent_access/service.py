@@ -127,7 +127,7 @@ class Service(Idle):
         self.deadlines = Deadlines(self._fire)
         self._retry: dict[str, tuple[Any, ...]] = {}
         #: Token credential hashes of issuances under way (issuance.py).
-        self._credentials: dict[str, list[str]] = {}
+        self._credentials: dict[str, str] = {}
         #: When the operator first received each not-yet-decided task (grant latency).
         self._first_seen: dict[str, datetime] = {}
         #: Tasks decided for good in this process: no status write can revive them.

@@ -96,9 +96,11 @@ def call_of_event(event: Mapping[str, Any]) -> tuple[Call, datetime, dict[str, A
     it ended, and what the API server decided; None for anything else."""
     if not isinstance(event, Mapping) or event.get("stage") not in ("ResponseComplete", "Panic"):
         return None
-    user = event.get("impersonatedUser") or event.get("user")
+    impersonated = event.get("impersonatedUser")
+    user = impersonated or event.get("user")
     username = user.get("username") if isinstance(user, Mapping) else None
-    extra = user.get("extra") if isinstance(user, Mapping) else None
+    # someone acting as the identity: whatever credential id they claim, not its call
+    extra = None if impersonated else (user.get("extra") if isinstance(user, Mapping) else None)
     who = identity_of(username) if isinstance(username, str) else None
     if who is None:
         return None

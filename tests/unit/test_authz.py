@@ -235,8 +235,11 @@ def test_a_call_is_the_tasks_only_with_its_tokens_credential():
     other["spec"]["extra"] = {"authentication.kubernetes.io/credential-id": ["JTI=zzz"]}
     made = [entry.made(parse_review(b)[1]) for b in (real, probe, other)]  # type: ignore[arg-type]
     assert made == [True, False, False]
-    unknown = entry_of(task())  # no credential recorded: nothing counts as the task's
-    assert unknown is not None and not unknown.made(parse_review(real)[1])  # type: ignore[arg-type]
+    # no credential recorded (an older version issued it): any token's call counts,
+    # a review someone made about the identity still does not
+    unknown = entry_of(task())
+    assert unknown is not None and unknown.made(parse_review(real)[1])  # type: ignore[arg-type]
+    assert not unknown.made(parse_review(probe)[1])  # type: ignore[arg-type]
 
 
 def test_an_impersonated_audit_event_is_only_a_check():
