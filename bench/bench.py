@@ -1097,7 +1097,7 @@ def write_markdown(result: dict, path: Path) -> None:
             "operator per review (mean) | answers |",
             "|---|---|---|---|---|---|",
         ]
-        for rate, row in az["latency"].items1():
+        for rate, row in az["latency"].items():
             lines.append(
                 f"| {rate} ({row['achieved_per_s']}) | {ms1(row['per_task']['p50'])} / "
                 f"{ms1(row['per_task']['p99'])} | {ms1(row['plain']['p50'])} / "
@@ -1119,7 +1119,7 @@ def write_markdown(result: dict, path: Path) -> None:
             "| trigger -> first refused call (webhook) | p50 | p99 | n |",
             "|---|---|---|---|",
         ]
-        for t, v in az["trigger_refused"].items1():
+        for t, v in az["trigger_refused"].items():
             lines.append(f"| {t} | {ms1(v['p50'])} | {ms1(v['p99'])} | {v['n']} |")
     else:
         lines.append("Not run.")

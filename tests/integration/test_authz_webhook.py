@@ -83,11 +83,14 @@ def enforcer(authz_kubeconfig, tmp_path):
     """Start operators serving the webhook (env: fault points); killed after the test."""
     started: list[OperatorProcess] = []
 
-    def start(env=None, wait=30) -> OperatorProcess:
+    def start(env=None, wait=30, extra=(), port=None) -> OperatorProcess:
         workdir = tmp_path / f"operator-{len(started)}"
         workdir.mkdir()
         proc = OperatorProcess(authz_kubeconfig, workdir, env=env)
-        proc.start(authz_args(authz_kubeconfig), wait=wait)
+        args = authz_args(authz_kubeconfig)
+        if port is not None:  # a second replica: a port of its own, same certificate
+            args[args.index("--authz-port") + 1] = str(port)
+        proc.start([*args, *extra], wait=wait)
         started.append(proc)
         return proc
 
@@ -378,3 +381,62 @@ def test_audit_shows_uses_in_the_timeline_aggregated_and_every_line_as_json(awor
     decisions = sorted(e["decision"] for e in from_log)
     assert decisions == ["allow"] * 25 + ["forbid"], decisions
     assert all(e["via"] == "audit" and e["code"] in (200, 403) for e in from_log)
+
+
+def review_to(kubeconfig: str, port: int, user: str, ns: str, credential: str = "") -> dict:
+    """POST a SubjectAccessReview to one replica's webhook port, as the API server does
+    (with its client certificate)."""
+    import urllib.request
+
+    d = authz_dir(kubeconfig)
+    ctx = ssl.create_default_context(cafile=str(d / "client-ca.crt"))
+    ctx.load_cert_chain(str(d / "apiserver-client.crt"), str(d / "apiserver-client.key"))
+    spec: dict = {"user": user, "resourceAttributes": {
+        "namespace": ns, "verb": "list", "version": "v1", "resource": "pods"}}  # fmt: skip
+    if credential:
+        spec["extra"] = {"authentication.kubernetes.io/credential-id": [credential]}
+    body = json.dumps({"apiVersion": "authorization.k8s.io/v1",
+                       "kind": "SubjectAccessReview", "spec": spec}).encode()  # fmt: skip
+    request = urllib.request.Request(
+        f"https://127.0.0.1:{port}/authorize", body, {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, context=ctx, timeout=5) as r:
+        return json.loads(r.read())["status"]
+
+
+def test_a_standby_answers_from_its_own_watches(aworld, enforcer, tmp_path):
+    """Two replicas on one Lease, both serving the webhook: the standby refuses a
+    cancelled task's identity from the same watch event, while the leader's revocation
+    is still held (nothing in the status says so yet)."""
+    from .cluster import free_port, unique
+
+    lease = ["--leader-elect", "--leader-election-namespace", aworld.namespace("lease"),
+             "--leader-election-id", unique("aao"), "--lease-duration", "6",
+             "--lease-retry", "0.5"]  # fmt: skip
+    leader = enforcer(env={"AGENT_ACCESS_HOLD": "revoke:start=6"}, extra=lease)
+    standby_port = free_port()
+    standby = enforcer(extra=lease, port=standby_port, wait=0)
+    wait_for(lambda: role(standby) == "standby", 20, what="the second replica stands by")
+    ns = scene(aworld)
+    task, client = grant(aworld, ns, "standby")
+    user = f"system:serviceaccount:{ns}:{task['status']['serviceAccountName']}"
+    assert lists(client, ns, PODS) == 200  # through the leader (the API server's port)
+    assert review_to(aworld.kubeconfig, standby_port, user, ns) == {"allowed": False}
+    aworld.kube.merge_patch(AGENT_TASKS, ns, "standby", {"spec": {"cancel": True}})
+    answered = wait_for(
+        lambda: (s := review_to(aworld.kubeconfig, standby_port, user, ns)).get("denied") and s,
+        2, 0.005, "the standby refuses the cancelled task",
+    )  # fmt: skip
+    assert "not active" in answered["reason"]
+    assert aworld.get_task(ns, "standby")["status"]["phase"] == "Active"  # still held
+    del leader
+
+
+def role(op: OperatorProcess) -> str:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{op.port}/readyz", timeout=1) as r:
+            return r.read().decode().strip()
+    except OSError:
+        return "down"
