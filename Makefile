@@ -11,6 +11,9 @@ HELM         = $(shell hack/build-binaries.sh --print | tr ':' '\n' | grep helm)
 CHART       := charts/agent-access-operator
 IMAGE       ?= ghcr.io/agent-access/agent-access-operator:0.1.0
 K8S_VERSION ?= 1.37.2
+export K8S_VERSION
+# the oldest supported release (docs/versions.md): make test-matrix runs it too
+MATRIX_OLDEST ?= 1.36.3
 # controlplane-up options: the operator as the API server's authorization webhook,
 # the API server's audit log (file) and its audit webhook backend
 AUTHZ_WEBHOOK ?=
@@ -18,7 +21,7 @@ AUDIT_LOG     ?=
 AUDIT_WEBHOOK ?=
 AUTHZ_DIR   := $(CURDIR)/.controlplane/authz
 
-.PHONY: help install binaries controlplane-up controlplane-down crds manifests lint test \
+.PHONY: help install binaries controlplane-up controlplane-down crds manifests lint test test-matrix \
         test-unit test-chart test-integration e2e bench bench-quick profile soak demo run image clean \
         node-up node-down node-prerequisites image-oci e2e-node
 
@@ -87,6 +90,10 @@ test-chart: install binaries ## helm lint, rendered manifests validated, install
 	HELM=$(HELM) $(PY) -m pytest tests/chart -q $(PYTEST_ARGS)
 
 test: lint test-unit test-chart test-integration ## ruff, unit, chart, then integration tests (the CI command)
+
+test-matrix: install ## The integration suite and the chart e2e on the oldest supported release too (MATRIX_OLDEST)
+	K8S_VERSION=$(MATRIX_OLDEST) K8S_COMPONENTS="kube-apiserver kube-controller-manager" \
+	  $(MAKE) binaries test-integration e2e
 
 e2e: install binaries ## Chart e2e on the local control plane, under the chart's own identity
 	HELM=$(HELM) $(PY) -m pytest e2e -q -p no:randomly $(PYTEST_ARGS)

@@ -247,7 +247,12 @@ def enforcement_flags(pki: Path, options: dict) -> list[str]:
     """Write STATE_DIR/authz/ (port, tls.crt, tls.key, client-ca.crt: what the operator
     serves with) and the API server's configuration files; its extra flags."""
     flags: list[str] = []
-    if not any(options.values()):
+    if options.get("runtime_config"):  # tests: a server that lacks an API
+        flags.append(f"--runtime-config={options['runtime_config']}")
+    if options.get("disable_plugins"):  # ... and the admission plugin serving it
+        flags.append(f"--disable-admission-plugins={options['disable_plugins']}")
+    extra = ("runtime_config", "disable_plugins")
+    if not any(v for k, v in options.items() if k not in extra):
         return flags
     authz = STATE_DIR / "authz"
     authz.mkdir(parents=True, exist_ok=True)

@@ -151,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="0.0.0.0",
         help="address the webhook listens on (default 0.0.0.0)",
     )
+    run.add_argument(
+        "--skip-server-check",
+        action="store_true",
+        help="start even on an API server the start-up check finds unsafe (docs/versions.md)",
+    )
     run.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     check = sub.add_parser(
         "check",
@@ -373,6 +378,7 @@ def run(args: argparse.Namespace) -> int:
     # concurrent writes, revocations, watches): a full pool would discard connections
     # and pay a TLS handshake for each new one.
     kube = Kube.from_environment(pool_size=4 * args.workers + 16, observer=metrics.api_call)
+    _check_server(kube, metrics, args.skip_server_check)
     gate, cache = _enforcement_point(args, kube, audit_log, metrics, namespaces)
     if gate is not None:  # a replica answers reviews only once its watches have listed
         health.also.append(gate.listed)
@@ -427,6 +433,36 @@ def run(args: argparse.Namespace) -> int:
                 os._exit(1)
             elector.release()
     return 0
+
+
+def _check_server(kube: Any, metrics: Any, skip: bool) -> None:
+    """Read the server's version and admission API; log and expose what the operator
+    will and will not do there; refuse to start where running would be unsafe."""
+    from .kube import KubeError
+    from .serverinfo import assess, served_resources
+
+    gv = "admissionregistration.k8s.io/v1"
+    try:
+        version = kube.request("GET", "/version", resource="version")
+        try:
+            discovery = kube.request("GET", f"/apis/{gv}", resource="discovery")
+        except KubeError as exc:
+            if exc.status != 404:
+                raise
+            discovery = {}
+    except KubeError as exc:  # an outage at start-up does not keep the operator down
+        log.warning("could not check the API server (%s); starting anyway", exc)
+        return
+    report = assess(version, {gv: served_resources(discovery)})
+    metrics.server(report)
+    for line in report.lines():
+        (log.error if report.unsafe else log.info)("%s", line)
+    if report.unsafe and not skip:
+        raise SystemExit(
+            "refusing to start on this API server: "
+            + "; ".join(report.unsafe)
+            + " (docs/versions.md; --skip-server-check starts anyway)"
+        )
 
 
 def _enforcement_point(

@@ -115,6 +115,26 @@ class Metrics:
             registry=r,
         )
 
+        self.server_feature = Gauge(
+            "agentaccess_server_feature",
+            "1 when the API server serves a feature the operator's protections rest on "
+            "(checked at start-up, docs/versions.md)",
+            ["feature"],
+            registry=r,
+        )
+        self.server_supported = Gauge(
+            "agentaccess_server_supported",
+            "1 when the API server's version is in the supported range and serves every "
+            "such feature",
+            ["version"],
+            registry=r,
+        )
+
+    def server(self, report: Any) -> None:
+        for name, present in report.features.items():
+            self.server_feature.labels(feature=name).set(1 if present else 0)
+        self.server_supported.labels(version=report.version).set(0 if report.unsafe else 1)
+
     def bind_registry(self, grants: Registry, clock: Callable[[], datetime]) -> None:
         self.active.set_function(lambda: len(grants))
 

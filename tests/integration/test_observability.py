@@ -158,6 +158,8 @@ def test_metrics_follow_a_real_lifecycle(world, operator):
         "rolebindings",
         "events",
         "leases",
+        "version",  # the start-up check of the server (docs/versions.md)
+        "discovery",
     }, resources
     assert {"namespaces", "serviceaccounts/token", "agenttasks/status"} <= resources
 
@@ -268,3 +270,15 @@ def test_a_single_instance_without_election_reports_itself_leader(operator):
     """Without --leader-elect the one instance acts, so `agentaccess_leader` is 1 (the
     chart's AgentAccessNoLeader alert, absent(agentaccess_leader == 1), stays quiet)."""
     assert value(scrape(operator), "agentaccess_leader") == 1.0
+
+
+def test_the_server_is_checked_at_start_up(operator):
+    """The operator read the server's version and admission API: both policy kinds
+    are served here, it says so in its log and metrics, and it started."""
+    import re
+
+    text = operator.metrics()
+    for feature in ("validating-admission-policies", "mutating-admission-policies"):
+        assert f'agentaccess_server_feature{{feature="{feature}"}} 1.0' in text
+    assert re.search(r'agentaccess_server_supported\{version="v1\.\d+\.\d+"\} 1\.0', text)
+    assert "mutating-admission-policies: yes" in operator.logs()
