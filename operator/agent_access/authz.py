@@ -207,7 +207,8 @@ class TaskEntry:
         return credential_hash(call.credential) == self.credential
 
 
-def _epoch(text: Any) -> float | None:
+def epoch(text: Any) -> float | None:
+    """RFC 3339 (with or without fractions) to epoch seconds; None if unreadable."""
     if not isinstance(text, str) or not text:
         return None
     try:
@@ -252,11 +253,11 @@ def entry_of(task: Mapping[str, Any]) -> TaskEntry | None:
         reason=str(status.get("reason") or ""),
         cancel=spec.get("cancel") is True,
         deleting=bool(meta.get("deletionTimestamp")),
-        expires_at=_epoch(status.get("expiresAt")),
-        task_expires_at=_epoch(status.get("taskExpiresAt")),
+        expires_at=epoch(status.get("expiresAt")),
+        task_expires_at=epoch(status.get("taskExpiresAt")),
         pod_name=str(spec.get("podName") or "") or None,
         policies=tuple(str(p) for p in policies) if isinstance(policies, list) else (),
-        last_used=_epoch(status.get("lastUsedAt")),
+        last_used=epoch(status.get("lastUsedAt")),
         last_used_text=str(status.get("lastUsedAt") or ""),
         credential=str(status.get("credentialHash") or ""),
         # what a re-check reads of the task (not lastUsedAt: its writes keep verdicts)

@@ -41,6 +41,7 @@ from .authz import (
     Call,
     TaskEntry,
     entry_of,
+    epoch,
     inactive,
     needs_recheck,
     parse_review,
@@ -483,7 +484,7 @@ class Gate:
             task = line.get("task")
             if task and line["event"] == "used":
                 # never later than now: a forged time cannot hold an idle grant open
-                self._note_use(task["uid"], min(_epoch(line["time"]) or 0.0, now))
+                self._note_use(task["uid"], min(epoch(line["time"]) or 0.0, now))
         if self._lines.maxsize - self._lines.qsize() < len(lines):
             raise queue.Full
         for line in lines:
@@ -583,10 +584,3 @@ class Gate:
         while not self._lines.empty() and time.monotonic() < end:
             time.sleep(0.01)
         return self._lines.empty()
-
-
-def _epoch(text: str) -> float | None:
-    try:
-        return datetime.strptime(text[:26], "%Y-%m-%dT%H:%M:%S.%f").replace(tzinfo=UTC).timestamp()
-    except ValueError:
-        return None

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .audit import SCHEMA_VERSION
-from .authz import Call, TaskEntry, credential_of, identity_of
+from .authz import Call, TaskEntry, credential_of, epoch, identity_of
 
 AUTHORIZER, AUDIT = "authorizer", "audit"
 _DECISION = "authorization.k8s.io/decision"
@@ -81,14 +81,8 @@ def used_line(
 
 
 def _time(text: Any) -> datetime | None:
-    if not isinstance(text, str) or not text:
-        return None
-    base = text.rstrip("Z")
-    try:
-        fmt = "%Y-%m-%dT%H:%M:%S.%f" if "." in base else "%Y-%m-%dT%H:%M:%S"
-        return datetime.strptime(base[:26], fmt).replace(tzinfo=UTC)
-    except ValueError:
-        return None
+    moment = epoch(text)
+    return datetime.fromtimestamp(moment, UTC) if moment is not None else None
 
 
 def call_of_event(event: Mapping[str, Any]) -> tuple[Call, datetime, dict[str, Any]] | None:
