@@ -117,7 +117,7 @@ bench: install binaries ## Benchmarks (full): latency vs the raw-API floor, pod 
 bench-quick: install binaries ## Benchmarks, quick mode (about a minute: latencies, 200 grants at once)
 	$(PY) bench/bench.py --quick
 
-profile: install binaries ## Profile the operator (py-spy) through the scale run: bench/results/profile.txt
+profile: install binaries ## Profile the operator (py-spy) and kube-apiserver (pprof) through the scale run: bench/results/profile*.txt
 	BENCH_PROFILE=bench/results/profile $(PY) bench/bench.py --only scale --tasks $${PROFILE_TASKS:-10000}
 
 soak: install binaries ## Soak: tasks created, used and ended for SOAK_SECONDS (default 600)

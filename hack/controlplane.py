@@ -568,7 +568,9 @@ def up(options: dict | None = None) -> dict:
         "--allow-privileged=true",
         "--disable-admission-plugins=ServiceAccount",
         "--endpoint-reconciler-type=none",
-        "--profiling=false",
+        # AAO_APISERVER_PROFILING=1 serves /debug/pprof (where the control plane's CPU
+        # goes during a benchmark: docs/benchmarks.md)
+        f"--profiling={os.environ.get('AAO_APISERVER_PROFILING') == '1'}".lower(),
         f"--cert-dir={d / 'certs'}",
         "--v=1",
     ]
