@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -41,6 +41,27 @@ log = logging.getLogger(__name__)
 CONDITIONS_PERIOD = 30.0
 #: How soon a re-check that failed on an API error is tried again.
 RETRY_DELAY = timedelta(milliseconds=500)
+
+
+def all_done(futures: list[Future[None]]) -> threading.Event:
+    """An event set once every one of `futures` has finished. One for a whole pass:
+    each of 10,000 revocations calling `wait()` on the 10,000 futures is quadratic
+    (every call takes every future's lock), and held the interpreter for minutes."""
+    done = threading.Event()
+    left = [len(futures)]
+    lock = threading.Lock()
+
+    def one(_: Future[None]) -> None:
+        with lock:
+            left[0] -= 1
+            if left[0] == 0:
+                done.set()
+
+    if not futures:
+        done.set()
+    for future in futures:
+        future.add_done_callback(one)  # at once, on this thread, if already finished
+    return done
 
 
 def pod_end_reason(pod: PodFacts | None, expected_uid: str | None) -> Reason | None:
@@ -273,16 +294,16 @@ class Reevaluation(Staging):
         # Not waited for: the next change is handled while these finish.
         # The rest starts once every binding of this pass is gone: nothing competes with
         # the 403s, and the cleanup then runs at low concurrency.
-        drops = [dropped for _, _, dropped in ending]
+        dropped = all_done([future for _, _, future in ending])
         for g, d, _ in ending:
             self._ending.add(g.uid)
-            self.cleanup.submit(self._finish_revocation, g, d, triggered, drops)
+            self.cleanup.submit(self._finish_revocation, g, d, triggered, dropped)
 
     def _finish_revocation(
-        self, grant: LiveGrant, denied: Denied, triggered: datetime, drops: list[Future[None]]
+        self, grant: LiveGrant, denied: Denied, triggered: datetime, dropped: threading.Event
     ) -> None:
         try:
-            wait(drops)  # _drop_bindings never raises: failures are logged, redone below
+            dropped.wait()  # _drop_bindings never raises: failures are logged, redone below
             self.revoke(grant, denied.reason, denied.message, None, True, triggered, denied.detail)
         except Exception:  # revoke retries API errors itself; anything else is a bug
             log.exception("revoking %s failed", grant.ref)

@@ -152,3 +152,19 @@ def test_timer_thread_survives_failing_callback():
     time.sleep(0.3)
     d.stop()
     assert calls == ["a", "b"]
+
+
+def test_all_done_is_set_once_every_future_finished():
+    from concurrent.futures import Future
+
+    from agent_access.reevaluation import all_done
+
+    assert all_done([]).is_set()
+    futures: list[Future[None]] = [Future() for _ in range(3)]
+    futures[0].set_result(None)  # finished before: counted at once
+    done = all_done(futures)
+    assert not done.is_set()
+    futures[1].set_exception(RuntimeError("a failed drop still counts"))
+    assert not done.is_set()
+    futures[2].set_result(None)
+    assert done.is_set()
