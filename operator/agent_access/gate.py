@@ -331,14 +331,18 @@ class Gate:
                 done.set_result(self._verdicts[key])
                 return done
             future = self._computing.get(key)
-            if future is None:
-                future = self._computing[key] = self._pool.submit(self._compute, pending)
-                future.add_done_callback(lambda _f: self._forget(key))
-            return future
+            if future is not None:
+                return future
+            future = self._computing[key] = self._pool.submit(self._compute, pending)
+        # Outside the lock: a future that is already done runs the callback at once, on
+        # this thread, and _forget takes the lock (under it, the event loop deadlocked).
+        future.add_done_callback(lambda f: self._forget(key, f))
+        return future
 
-    def _forget(self, key: tuple[Any, ...]) -> None:
+    def _forget(self, key: tuple[Any, ...], future: Future[Denied | None]) -> None:
         with self._verdict_lock:
-            self._computing.pop(key, None)
+            if self._computing.get(key) is future:
+                del self._computing[key]
 
     def _compute(self, p: Pending) -> Denied | None:
         verdict = self._recheck(p.entry, p.call, p.now)

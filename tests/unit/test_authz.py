@@ -251,3 +251,33 @@ def test_an_impersonated_audit_event_is_only_a_check():
     posed = {**EVENT, "user": {"username": "admin"},
              "impersonatedUser": {"username": EVENT["user"]["username"]}}  # fmt: skip
     assert line_of_event(posed, lambda *_: None)["event"] == "checked"  # type: ignore[index]
+
+
+def test_a_recheck_finished_before_its_callback_is_registered_does_not_deadlock():
+    """A re-check can finish on its thread before `begin` registers the callback that
+    forgets it; the callback then runs at once on the event loop's thread. Registered
+    under the verdict lock (as it once was), that deadlocked the webhook for good."""
+    import threading
+    from concurrent.futures import Future
+
+    from agent_access.gate import Gate, Pending
+
+    class Inline:  # an executor that has finished by the time submit returns
+        def submit(self, fn, *args):
+            future: Future = Future()
+            future.set_result(fn(*args))
+            return future
+
+    gate = Gate.__new__(Gate)
+    gate._verdict_lock = threading.Lock()
+    gate._verdicts, gate._computing = {}, {}
+    gate._pool = Inline()
+    gate._compute = lambda pending: None
+    pending = Pending("v1", None, None, 0.0, 0.0, ("task", 1))  # type: ignore[arg-type]
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(gate.begin(pending)), daemon=True)
+    worker.start()
+    worker.join(5)
+    assert not worker.is_alive(), "begin() deadlocked on its own lock"
+    assert result[0].result() is None
+    assert gate._computing == {}  # forgotten once done: the next call computes afresh
