@@ -32,6 +32,7 @@ from typing import Any
 from aiohttp import web
 
 from .authz import ReviewError
+from .faults import hold
 from .gate import Gate, Pending
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 MAX_INFLIGHT = 256
 #: The event loop this far behind (seconds): per-task identities are denied at once.
 OVERLOAD_LAG = 0.1
+#: Seconds without the event loop running after which the process reports itself
+#: not alive (/healthz on the metrics port: 503).
+STUCK_AFTER = 10.0
 REVIEW_MAX_BYTES = 256 * 1024
 AUDIT_MAX_BYTES = 16 * 1024 * 1024
 CERT_CHECK_SECONDS = 30.0
@@ -76,6 +80,8 @@ class AuthzServer:
         self._mtimes = self._cert_mtimes()
         self._inflight = 0
         self._lag = 0.0
+        #: When the event loop last ran its lag probe (monotonic): see responsive().
+        self._beat = time.monotonic()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._ready = threading.Event()
@@ -131,7 +137,14 @@ class AuthzServer:
         while True:
             before = time.monotonic()
             await asyncio.sleep(interval)
-            self._lag = max(0.0, time.monotonic() - before - interval)
+            self._beat = time.monotonic()
+            self._lag = max(0.0, self._beat - before - interval)
+
+    def responsive(self) -> bool:
+        """False once the event loop has not run for STUCK_AFTER seconds: no review is
+        being answered (the API server refuses per-task identities on its timeout) and
+        none will be; the operator's /healthz fails so the kubelet restarts it."""
+        return time.monotonic() - self._beat < STUCK_AFTER
 
     def _cert_mtimes(self) -> tuple[float, float]:
         try:
@@ -161,6 +174,7 @@ class AuthzServer:
             return web.Response(status=413, text="review too large")
         self._inflight += 1
         try:
+            hold("authz:review")  # tests: the event loop blocked (a stuck webhook)
             raw = await request.read()
             if len(raw) > REVIEW_MAX_BYTES:
                 return web.Response(status=413, text="review too large")

@@ -379,9 +379,10 @@ def run(args: argparse.Namespace) -> int:
     # and pay a TLS handshake for each new one.
     kube = Kube.from_environment(pool_size=4 * args.workers + 16, observer=metrics.api_call)
     _check_server(kube, metrics, args.skip_server_check)
-    gate, cache = _enforcement_point(args, kube, audit_log, metrics, namespaces)
+    gate, cache, webhook = _enforcement_point(args, kube, audit_log, metrics, namespaces)
     if gate is not None:  # a replica answers reviews only once its watches have listed
         health.also.append(gate.listed)
+        health.alive.append(webhook.responsive)  # and is alive while it answers at all
 
     def stopping() -> bool:
         return bool(signalled)
@@ -467,13 +468,13 @@ def _check_server(kube: Any, metrics: Any, skip: bool) -> None:
 
 def _enforcement_point(
     args: argparse.Namespace, kube: Any, audit_log: Any, metrics: Any, namespaces: list[str]
-) -> tuple[Any, Any]:
-    """With --authz-port: the gate and its webhook server, started now (standbys answer
-    too), and the facts cache the grant service will share. Else (None, None)."""
+) -> tuple[Any, Any, Any]:
+    """With --authz-port: the gate, the facts cache the grant service will share, and
+    the webhook server, started now (standbys answer too). Else (None, None, None)."""
     if not args.authz_port:
         if args.authz_cert or args.authz_key or args.authz_client_ca:
             raise SystemExit("--authz-cert, --authz-key and --authz-client-ca need --authz-port")
-        return None, None
+        return None, None, None
     if not (args.authz_cert and args.authz_key):
         raise SystemExit("--authz-port needs --authz-cert and --authz-key")
     if not args.authz_client_ca and not args.authz_allow_any_client:
@@ -499,7 +500,7 @@ def _enforcement_point(
         server.start()
     except RuntimeError as exc:
         raise SystemExit(str(exc)) from None
-    return gate, cache
+    return gate, cache, server
 
 
 def notifier_from(args: argparse.Namespace, metrics: Any) -> Any:

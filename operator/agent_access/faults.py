@@ -39,7 +39,7 @@ HOLD_ENV = "AGENT_ACCESS_HOLD"
 #: Where a test may pause the operator (AGENT_ACCESS_HOLD=<step>=<seconds>[,...]): to
 #: prove that the enforcement point refuses while a revocation or a re-evaluation has
 #: not run yet.
-HOLD_STEPS = ("revoke:start", "reevaluate:start")
+HOLD_STEPS = ("revoke:start", "reevaluate:start", "authz:review")
 
 
 def hold(step: str) -> None:

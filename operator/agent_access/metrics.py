@@ -201,6 +201,8 @@ class Health:
         self.standby = threading.Event()
         #: Also needed for readiness (the enforcement point: its watches have listed).
         self.also: list[Callable[[], bool]] = []
+        #: Needed for liveness (the enforcement point's event loop still runs).
+        self.alive: list[Callable[[], bool]] = []
 
 
 def serve(
@@ -212,7 +214,10 @@ def serve(
             if path == "/metrics":
                 body, ctype, code = generate_latest(metrics.registry), CONTENT_TYPE_LATEST, 200
             elif path == "/healthz":
-                body, ctype, code = b"ok\n", "text/plain", 200
+                if all(check() for check in health.alive):
+                    body, ctype, code = b"ok\n", "text/plain", 200
+                else:
+                    body, ctype, code = b"stuck\n", "text/plain", 503
             elif path == "/readyz":
                 if not all(check() for check in health.also):
                     body, code = b"not ready\n", 503

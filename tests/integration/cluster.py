@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import kubernetes
+import yaml
 
 from agent_access.kube import (
     ACCESS_POLICIES,
@@ -128,6 +129,31 @@ def admin(kubeconfig: str) -> Kube:
     kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=config)
     config.connection_pool_maxsize = 16
     return Kube(kubernetes.client.ApiClient(config), retries=3)
+
+
+def token_kubeconfig(
+    kubeconfig: str, namespace: str, sa: str, path: Path, seconds: int = 7200
+) -> str:
+    """A kubeconfig (written to `path`) that authenticates only as this ServiceAccount,
+    with a token the admin of `kubeconfig` requests for it. Returns the path."""
+    token, _ = admin(kubeconfig).request_token(namespace, sa, seconds, (), None)
+    cfg = yaml.safe_load(Path(kubeconfig).read_text())
+    ctx = next(c for c in cfg["contexts"] if c["name"] == cfg["current-context"])["context"]
+    cluster = next(c for c in cfg["clusters"] if c["name"] == ctx["cluster"])
+    path.write_text(
+        json.dumps(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "operator",
+                "clusters": [{"name": "c", "cluster": cluster["cluster"]}],
+                "users": [{"name": "operator", "user": {"token": token}}],
+                "contexts": [{"name": "operator", "context": {"cluster": "c", "user": "operator"}}],
+            }
+        )
+    )
+    path.chmod(0o600)
+    return str(path)
 
 
 def as_user(kubeconfig: str, user: str, groups: tuple[str, ...] = ()) -> Kube:

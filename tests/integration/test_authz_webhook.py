@@ -12,6 +12,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -440,3 +441,37 @@ def role(op: OperatorProcess) -> str:
             return r.read().decode().strip()
     except OSError:
         return "down"
+
+
+def healthz(proc: OperatorProcess) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{proc.port}/healthz", timeout=2) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_a_stuck_webhook_fails_healthz_and_its_identities_are_refused(aworld, enforcer):
+    """The webhook's event loop blocked (held on a review, as a deadlock once did): the
+    API server refuses the identity on its timeout (failure policy Deny: 500), and the
+    operator's /healthz answers 503 so the kubelet restarts it; 200 again once the loop
+    runs."""
+    proc = enforcer(env={"AGENT_ACCESS_HOLD": "authz:review=14"})
+    ns = scene(aworld)
+    _, client = grant(aworld, ns, "stuck")
+    assert healthz(proc) == 200
+    answers: list[int] = []
+    started = time.monotonic()
+    caller = threading.Thread(target=lambda: answers.append(lists(client, ns, PODS)))
+    caller.start()
+    caller.join(10)
+    # refused, not waited out: the API server gives up after its 3 s timeout and, with
+    # failurePolicy Deny, answers 500 (the authorizer's error), never the request
+    assert answers and answers[0] in (403, 500)
+    assert healthz(proc) == 200  # stuck for less than STUCK_AFTER so far
+    wait_for(lambda: healthz(proc) == 503, 12)
+    record_timing("webhook: event loop blocked -> /healthz 503", time.monotonic() - started)
+    wait_for(lambda: healthz(proc) == 200, 15)
