@@ -43,6 +43,7 @@ from tests.integration.cluster import (  # noqa: E402
     World,
     admin,
     apply_crds,
+    token_kubeconfig,
 )
 
 from agent_access.kube import (  # noqa: E402
@@ -128,23 +129,9 @@ def operator_identity(kubeconfig: str, workdir: Path) -> str:
         env=dict(os.environ, KUBECONFIG=kubeconfig),
         stdout=subprocess.DEVNULL,
     )
-    token, _ = admin(kubeconfig).request_token(OPERATOR_NAMESPACE, OPERATOR_SA, 86400, (), None)
-    cfg = json.loads(Path(kubeconfig).read_text())
-    path = workdir / "operator.kubeconfig"
-    path.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "current-context": "operator",
-                "clusters": [{"name": "c", "cluster": cfg["clusters"][0]["cluster"]}],
-                "users": [{"name": "operator", "user": {"token": token}}],
-                "contexts": [{"name": "operator", "context": {"cluster": "c", "user": "operator"}}],
-            }
-        )
+    return token_kubeconfig(
+        kubeconfig, OPERATOR_NAMESPACE, OPERATOR_SA, workdir / "operator.kubeconfig", 86400
     )
-    path.chmod(0o600)
-    return str(path)
 
 
 def summarize_profile(raw: Path, out: Path, top: int = 40) -> None:
@@ -784,7 +771,7 @@ class Bench:
             go = shutil.which("go")
             if go:
                 top = subprocess.run(
-                    [go, "tool", "pprof", "-top", "-cum", "-nodecount=80",
+                    [go, "tool", "pprof", "-top", "-cum", "-nodecount=200",
                      controlplane.find_binary("kube-apiserver"), str(out)],
                     capture_output=True, text=True, check=False,
                 )  # fmt: skip
@@ -1122,7 +1109,10 @@ def write_markdown(result: dict, path: Path) -> None:
         "",
         f"Machine: {m['cores']} cores, {m['memory_gb']} GB, {m['platform']}; Python "
         f"{m['python']}; kube-apiserver {m['kube_apiserver']}, etcd {m['etcd']} (local, "
-        "no kubelet). The operator runs as a separate process.",
+        "kube-controller-manager with the garbage collector, no kubelet). The operator "
+        "runs as a separate process under its installed identity (the ServiceAccount "
+        "and RBAC of manifests/install.yaml, a token: admission policies and API "
+        "Priority and Fairness apply to it as in a cluster).",
         "",
         "## Grant: AgentTask created -> first allowed request with its token",
         "",

@@ -11,7 +11,6 @@ E2E_IN_CLUSTER=1 the chart's Deployment is the operator.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from tests.integration.cluster import (
     World,
     admin,
     free_port,
+    token_kubeconfig,
     wait_for_admission,
     wait_for_storage,
 )
@@ -111,28 +111,6 @@ def chart_args(manifest: list[dict]) -> tuple[str, list[str]]:
     assert args[0] == "run"
     local = ("--metrics-port", "--metrics-host")  # the test process picks its own
     return pod["serviceAccountName"], [a for a in args[1:] if not a.startswith(local)]
-
-
-def token_kubeconfig(kubeconfig: str, namespace: str, sa: str, path: Path) -> str:
-    """A kubeconfig that authenticates only as the chart's ServiceAccount."""
-    token, _ = admin(kubeconfig).request_token(namespace, sa, 7200, (), None)
-    cfg = yaml.safe_load(Path(kubeconfig).read_text())
-    ctx = next(c for c in cfg["contexts"] if c["name"] == cfg["current-context"])["context"]
-    cluster = next(c for c in cfg["clusters"] if c["name"] == ctx["cluster"])
-    path.write_text(
-        json.dumps(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "current-context": "operator",
-                "clusters": [{"name": "c", "cluster": cluster["cluster"]}],
-                "users": [{"name": "operator", "user": {"token": token}}],
-                "contexts": [{"name": "operator", "context": {"cluster": "c", "user": "operator"}}],
-            }
-        )
-    )
-    path.chmod(0o600)
-    return str(path)
 
 
 class ChartOperator:
