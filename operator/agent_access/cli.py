@@ -382,7 +382,9 @@ def run(args: argparse.Namespace) -> int:
     gate, cache, webhook = _enforcement_point(args, kube, audit_log, metrics, namespaces)
     if gate is not None:  # a replica answers reviews only once its watches have listed
         health.also.append(gate.listed)
-        health.alive.append(webhook.responsive)  # and is alive while it answers at all
+        # stuck (its event loop not running): out of the Service at once, restarted soon
+        health.also.append(webhook.responsive)
+        health.alive.append(webhook.responsive)
 
     def stopping() -> bool:
         return bool(signalled)

@@ -40,6 +40,9 @@ HOLD_ENV = "AGENT_ACCESS_HOLD"
 #: prove that the enforcement point refuses while a revocation or a re-evaluation has
 #: not run yet.
 HOLD_STEPS = ("revoke:start", "reevaluate:start", "authz:review")
+#: Steps held the first time only (a stuck event loop: once is the fault).
+HOLD_ONCE = {"authz:review"}
+_held: set[str] = set()
 
 
 def hold(step: str) -> None:
@@ -48,7 +51,8 @@ def hold(step: str) -> None:
         return
     for part in raw.split(","):
         name, _, seconds = part.partition("=")
-        if name == step:
+        if name == step and not (step in HOLD_ONCE and step in _held):
+            _held.add(step)
             import time
 
             sys.stderr.write(f"holding {step} for {seconds} s\n")

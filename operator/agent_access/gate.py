@@ -168,7 +168,10 @@ class Gate:
 
     def stop(self) -> None:
         self._stop.set()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        # Not cancel_futures: cancelling runs their callbacks (_forget: the verdict lock)
+        # under the executor's shutdown lock, while begin() may hold the verdict lock and
+        # wait in submit() for the shutdown lock. Re-checks are short and memory-only.
+        self._pool.shutdown(wait=False)
         for watch in self._watches.values():
             watch.stop()
         if self._own_cache:

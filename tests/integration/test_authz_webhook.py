@@ -443,12 +443,12 @@ def role(op: OperatorProcess) -> str:
         return "down"
 
 
-def healthz(proc: OperatorProcess) -> int:
+def healthz(proc: OperatorProcess, path: str = "/healthz") -> int:
     import urllib.error
     import urllib.request
 
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{proc.port}/healthz", timeout=2) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{proc.port}{path}", timeout=2) as r:
             return r.status
     except urllib.error.HTTPError as exc:
         return exc.code
@@ -457,8 +457,8 @@ def healthz(proc: OperatorProcess) -> int:
 def test_a_stuck_webhook_fails_healthz_and_its_identities_are_refused(aworld, enforcer):
     """The webhook's event loop blocked (held on a review, as a deadlock once did): the
     API server refuses the identity on its timeout (failure policy Deny: 500), and the
-    operator's /healthz answers 503 so the kubelet restarts it; 200 again once the loop
-    runs."""
+    operator's /healthz and /readyz answer 503 (restarted, out of the Service); 200 again
+    once the loop runs."""
     proc = enforcer(env={"AGENT_ACCESS_HOLD": "authz:review=14"})
     ns = scene(aworld)
     _, client = grant(aworld, ns, "stuck")
@@ -474,4 +474,8 @@ def test_a_stuck_webhook_fails_healthz_and_its_identities_are_refused(aworld, en
     assert healthz(proc) == 200  # stuck for less than STUCK_AFTER so far
     wait_for(lambda: healthz(proc) == 503, 12)
     record_timing("webhook: event loop blocked -> /healthz 503", time.monotonic() - started)
-    wait_for(lambda: healthz(proc) == 200, 15)
+    assert healthz(proc, "/readyz") == 503
+    wait_for(lambda: healthz(proc) == 200 and healthz(proc, "/readyz") == 200, 15)
+    # held once: answering again (right after the stall the loop still counts as behind
+    # for one 50 ms probe, and refuses as overloaded meanwhile)
+    wait_for(lambda: lists(client, ns, what=PODS) == 200, 5)
