@@ -198,18 +198,14 @@ CHURN_PROCS = int(os.environ.get("BENCH_CHURN_PROCS", "3"))
 CHURN_THREADS = 8
 
 
-def churn_credentials(kubeconfig: str, workdir: Path) -> dict[str, str]:
-    """The admin kubeconfig's server and client certificate, as files (for churn_process)."""
-    cfg = json.loads(Path(kubeconfig).read_text())
-    cluster, user = cfg["clusters"][0]["cluster"], cfg["users"][0]["user"]
-    out = {"server": cluster["server"]}
-    for key, field in (("ca", "certificate-authority-data"), ("cert", "client-certificate-data"),
-                       ("key", "client-key-data")):  # fmt: skip
-        path = workdir / f"churn-{key}.pem"
-        path.write_bytes(base64.b64decode(user.get(field) or cluster.get(field)))
-        path.chmod(0o600)
-        out[key] = str(path)
-    return out
+def churn_credentials() -> dict[str, str]:
+    """The control plane's address and its admin client certificate files (its state
+    directory holds them: hack/controlplane.py), for churn_process."""
+    state = controlplane.read_state()
+    assert state is not None, "no control plane"
+    d = Path(state["dir"])
+    return {"server": state["server"], "ca": str(d / "ca.crt"),
+            "cert": str(d / "admin.crt"), "key": str(d / "admin.key")}  # fmt: skip
 
 
 def churn_process(
@@ -785,15 +781,10 @@ class Bench:
         """Non-watch requests the operator sent (its own count), except its leader
         Lease: with kube-controller-manager running, the API server's count also holds
         the garbage collector's reads (it looks up the owner of each new dependent)."""
-        total = 0.0
-        for line in self.op.metrics().splitlines():
-            if not line.startswith("agentaccess_kubernetes_api_requests_total{"):
-                continue
-            labels = dict(LABEL.findall(line.split("}", 1)[0]))
-            if labels.get("verb") == "WATCH" or labels.get("resource") == "leases":
-                continue
-            total += float(line.rsplit(" ", 1)[1])
-        return total
+        return self.metric(
+            "agentaccess_kubernetes_api_requests_total",
+            where=lambda got: got.get("verb") != "WATCH" and got.get("resource") != "leases",
+        )
 
     def quiesce(self, limit: float = 90) -> None:
         """Wait until the operator has finished its trailing work (quiet for 3 s)."""
@@ -816,14 +807,22 @@ class Bench:
                 return int(line.split()[1]) / 1024
         return 0.0
 
-    def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
-        """Sum of an operator metric's samples (optionally only those with `labels`)."""
+    def metric(
+        self,
+        name: str,
+        labels: dict[str, str] | None = None,
+        where: Callable[[dict[str, str]], bool] | None = None,
+    ) -> float:
+        """Sum of an operator metric's samples (optionally only those with `labels`, or
+        whose labels pass `where`)."""
         total = 0.0
         for line in self.op.metrics().splitlines():
             if not line.startswith(name + "{") and not line.startswith(name + " "):
                 continue
             found = dict(LABEL.findall(line.split("}", 1)[0])) if "{" in line else {}
             if labels and any(found.get(k) != v for k, v in labels.items()):
+                continue
+            if where and not where(found):
                 continue
             total += float(line.rsplit(" ", 1)[1])
         return total
@@ -974,7 +973,7 @@ class Bench:
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda i: self.world.pod(ns, f"churn-{i}", "default"), range(pods)))
         time.sleep(2)
-        credentials = churn_credentials(self.kubeconfig, self._opdir)
+        credentials = churn_credentials()
         import multiprocessing
 
         context = multiprocessing.get_context("spawn")

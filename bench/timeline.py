@@ -16,7 +16,6 @@ import statistics
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,14 +24,12 @@ sys.path[:0] = [str(ROOT), str(ROOT / "hack")]
 import controlplane  # noqa: E402
 from tests.integration.cluster import OperatorProcess, World, admin, apply_crds  # noqa: E402
 
+from agent_access.authz import epoch  # noqa: E402
 from agent_access.kube import AGENT_TASKS, SECRETS  # noqa: E402
+from agent_access.objects import base_name  # noqa: E402
 from bench.bench import OPERATOR_NAMESPACE, OPERATOR_SA, READ, operator_identity  # noqa: E402
 
 OPERATOR = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_SA}"
-
-
-def epoch(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def main(n: int) -> None:
@@ -75,7 +72,7 @@ def main(n: int) -> None:
     rows: dict[str, list[tuple[float, float]]] = {}
     for task, t0, created, active, has_token, again in samples[3:]:  # the first warm up
         name, uid = task["metadata"]["name"], task["metadata"]["uid"]
-        base = f"aat-{name}-{uid.replace('-', '')[:8]}"
+        base = base_name(name, uid)
         for e in entries:
             ref = e.get("objectRef") or {}
             obj = ref.get("name") or ""

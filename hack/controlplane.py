@@ -570,7 +570,7 @@ def up(options: dict | None = None) -> dict:
         "--endpoint-reconciler-type=none",
         # AAO_APISERVER_PROFILING=1 serves /debug/pprof (where the control plane's CPU
         # goes during a benchmark: docs/benchmarks.md)
-        f"--profiling={os.environ.get('AAO_APISERVER_PROFILING') == '1'}".lower(),
+        "--profiling=" + ("true" if os.environ.get("AAO_APISERVER_PROFILING") == "1" else "false"),
         f"--cert-dir={d / 'certs'}",
         "--v=1",
     ]

@@ -36,13 +36,12 @@ def checkpoint(step: str) -> None:
 
 
 HOLD_ENV = "AGENT_ACCESS_HOLD"
-#: Where a test may pause the operator (AGENT_ACCESS_HOLD=<step>=<seconds>[,...]): to
-#: prove that the enforcement point refuses while a revocation or a re-evaluation has
-#: not run yet.
+#: Where a test may pause the operator (AGENT_ACCESS_HOLD=<step>=<seconds>[x<times>]
+#: [,...]; without x<times>, every time the step is reached): to prove that the
+#: enforcement point refuses while a revocation or a re-evaluation has not run yet, and
+#: what a blocked webhook event loop does.
 HOLD_STEPS = ("revoke:start", "reevaluate:start", "authz:review")
-#: Steps held the first time only (a stuck event loop: once is the fault).
-HOLD_ONCE = {"authz:review"}
-_held: set[str] = set()
+_held: dict[str, int] = {}
 
 
 def hold(step: str) -> None:
@@ -50,11 +49,15 @@ def hold(step: str) -> None:
     if not raw:
         return
     for part in raw.split(","):
-        name, _, seconds = part.partition("=")
-        if name == step and not (step in HOLD_ONCE and step in _held):
-            _held.add(step)
-            import time
+        name, _, spec = part.partition("=")
+        if name != step:
+            continue
+        seconds, _, times = spec.partition("x")
+        if times and _held.get(step, 0) >= int(times):
+            continue
+        _held[step] = _held.get(step, 0) + 1
+        import time
 
-            sys.stderr.write(f"holding {step} for {seconds} s\n")
-            sys.stderr.flush()
-            time.sleep(float(seconds or 0))
+        sys.stderr.write(f"holding {step} for {seconds} s\n")
+        sys.stderr.flush()
+        time.sleep(float(seconds or 0))

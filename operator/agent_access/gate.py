@@ -146,9 +146,7 @@ class Gate:
         self._unhealthy_since: dict[str, float] = {}
         self._pool = ThreadPoolExecutor(RECHECK_THREADS, thread_name_prefix="authz-recheck")
         self._lines: queue.Queue[dict[str, Any]] = queue.Queue(LINE_QUEUE)
-        self._stop = threading.Event()
         self._started = False
-        self._own_cache = False
 
     # -- running ------------------------------------------------------------------------
 
@@ -158,24 +156,12 @@ class Gate:
         if self._started:
             return
         self._started = True
-        self._own_cache = own_cache
         if own_cache:
             threading.Thread(target=self.cache.start, name="facts-start", daemon=True).start()
         for watch in self._watches.values():
             watch.start()
         threading.Thread(target=self._write_lines, name="use-log", daemon=True).start()
         threading.Thread(target=self._flush_loop, name="last-use", daemon=True).start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        # Not cancel_futures: cancelling runs their callbacks (_forget: the verdict lock)
-        # under the executor's shutdown lock, while begin() may hold the verdict lock and
-        # wait in submit() for the shutdown lock. Re-checks are short and memory-only.
-        self._pool.shutdown(wait=False)
-        for watch in self._watches.values():
-            watch.stop()
-        if self._own_cache:
-            self.cache.stop()
 
     def _read(self) -> list[Informer[Any]]:
         """The watches the gate decides from."""
@@ -525,7 +511,8 @@ class Gate:
         return min(found, default=None)
 
     def _flush_loop(self) -> None:
-        while not self._stop.wait(1.0):
+        while True:  # for the life of the process (a daemon thread)
+            time.sleep(1.0)
             try:
                 self.flush()
             except Exception:
@@ -569,7 +556,7 @@ class Gate:
     def _write_lines(self) -> None:
         """Write queued use lines in batches (one flush each): at a thousand calls a
         second the writer stays a small share of the interpreter."""
-        while not self._stop.is_set():
+        while True:
             try:
                 batch = [self._lines.get(timeout=0.5)]
             except queue.Empty:

@@ -459,7 +459,7 @@ def test_a_stuck_webhook_fails_healthz_and_its_identities_are_refused(aworld, en
     API server refuses the identity on its timeout (failure policy Deny: 500), and the
     operator's /healthz and /readyz answer 503 (restarted, out of the Service); 200 again
     once the loop runs."""
-    proc = enforcer(env={"AGENT_ACCESS_HOLD": "authz:review=14"})
+    proc = enforcer(env={"AGENT_ACCESS_HOLD": "authz:review=14x1"})
     ns = scene(aworld)
     _, client = grant(aworld, ns, "stuck")
     assert healthz(proc) == 200
